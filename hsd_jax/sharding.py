@@ -1,0 +1,117 @@
+"""Device mesh, logical-axis rules, and helpers to place or move pytrees onto a mesh.
+
+Code outside this module names logical axes only (`batch`, `embed`, `heads`, `kv_heads`, `mlp`,
+`vocab`, `layers`, ...); the rules here map them to the mesh axes `data`, `fsdp` and `tensor`.
+A logical axis whose dimension a mesh axis does not divide stays replicated along that axis, so
+any model fits any mesh (e.g. 8 kv heads on a tensor axis of 16).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes it is split over (in order), or () to replicate.
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "layers": (),
+    "head_dim": (),
+    "norm": (),
+    "length": (),
+}
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor). At most one size may be -1: "the remaining devices".
+
+    Raises ValueError, before anything compiles, when the sizes do not multiply to the number of
+    devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = list(shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {tuple(shape)} must give one size per axis {MESH_AXES}.")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {tuple(shape)}: sizes must be positive, with at most one -1.")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {tuple(shape)} cannot fill {len(devices)} devices: {known} does not divide it.")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(
+            f"mesh shape {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but "
+            f"{len(devices)} are visible; set the sizes (one may be -1) to multiply to {len(devices)}."
+        )
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def partition_spec(
+    shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules: dict[str, tuple[str, ...]] | None = None
+) -> PartitionSpec:
+    """The PartitionSpec of an array of `shape` whose dimensions are named `axes`.
+
+    Each dimension takes the mesh axes its rule names, skipping a mesh axis that is already used
+    or whose size does not divide what is left of the dimension; axes of size 1 are left out.
+    """
+    rules = DEFAULT_RULES if rules is None else rules
+    if len(shape) != len(axes):
+        raise ValueError(f"logical axes {tuple(axes)} do not match an array of shape {tuple(shape)}.")
+    used: set[str] = set()
+    spec = []
+    for dim, name in zip(shape, axes):
+        if name is not None and name not in rules:
+            raise ValueError(f"no sharding rule for logical axis {name!r}; known: {sorted(rules)}.")
+        chosen = []
+        for mesh_axis in rules.get(name, ()) if name else ():
+            size = mesh.shape[mesh_axis]
+            if size > 1 and mesh_axis not in used and dim % (size * math.prod(mesh.shape[a] for a in chosen)) == 0:
+                chosen.append(mesh_axis)
+                used.add(mesh_axis)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(
+    shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules: dict[str, tuple[str, ...]] | None = None
+) -> NamedSharding:
+    """NamedSharding for an array of `shape` with logical `axes` (see `partition_spec`)."""
+    return NamedSharding(mesh, partition_spec(shape, axes, mesh, rules))
+
+
+def tree_shardings(tree: Any, axes_tree: Any, mesh: Mesh, rules: dict[str, tuple[str, ...]] | None = None) -> Any:
+    """NamedShardings for every array (or ShapeDtypeStruct) of `tree`, given matching logical axes."""
+    return jax.tree.map(lambda x, axes: named_sharding(x.shape, axes, mesh, rules), tree, axes_tree)
+
+
+def reshard(tree: Any, shardings: Any) -> Any:
+    """Moves each array of `tree` to the matching sharding, one array at a time.
+
+    Going leaf by leaf (and waiting for each) keeps peak memory at one array in flight, which
+    matters when moving training params into a sampling layout on the same devices.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    targets = treedef.flatten_up_to(shardings)
+    moved = []
+    for leaf, target in zip(leaves, targets):
+        moved.append(jax.block_until_ready(jax.device_put(leaf, target)))
+    return treedef.unflatten(moved)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: dict[str, tuple[str, ...]] | None = None, batch_size: int | None = None) -> NamedSharding:
+    """Sharding of a batch-major array of rank `ndim`: leading axis over the batch rule's axes."""
+    rules = DEFAULT_RULES if rules is None else rules
+    shape = (batch_size if batch_size is not None else math.prod(mesh.shape[a] for a in rules["batch"]),) + (1,) * (ndim - 1)
+    return named_sharding(shape, ("batch",) + (None,) * (ndim - 1), mesh, rules)

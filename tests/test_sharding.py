@@ -1,0 +1,73 @@
+"""Sharded forward on 8 simulated CPU devices (see conftest.py) equals the unsharded forward."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hsd_jax import sharding
+from models import hf
+from tests.hf_reference import TINY, make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    make_checkpoint(path, num_attention_heads=4, num_key_value_heads=2)
+    return path
+
+
+def jitted_hidden(model, tokens):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, tokens):
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        hidden, _ = nnx.merge(graphdef, state)(tokens, positions)
+        return hidden
+
+    return np.asarray(forward(state, tokens))
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 4, 2), (2, 2, 2)])
+def test_sharded_forward_equals_unsharded(checkpoint, shape):
+    assert jax.device_count() == 8
+    tokens = np.random.default_rng(0).integers(0, TINY["vocab_size"], (8, 10))
+    expected = jitted_hidden(hf.load_model(checkpoint), jnp.asarray(tokens))
+
+    mesh = sharding.make_mesh(shape)
+    model = hf.load_model(checkpoint, mesh=mesh)
+    q_proj = model.layers.q_proj[...]
+    assert q_proj.sharding.spec == sharding.partition_spec(q_proj.shape, ("layers", "embed", "heads", "head_dim"), mesh)
+    tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2, batch_size=8))
+    np.testing.assert_allclose(jitted_hidden(model, tokens), expected, atol=1e-5, rtol=0)
+
+
+def test_partition_spec_skips_axes_that_do_not_divide():
+    mesh = sharding.make_mesh((1, 4, 2))
+    assert sharding.partition_spec((96, 48), ("vocab", "embed"), mesh) == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert sharding.partition_spec((97, 46), ("vocab", "embed"), mesh) == jax.sharding.PartitionSpec(None, None)
+    assert sharding.partition_spec((16, 3), ("batch", None), mesh) == jax.sharding.PartitionSpec("fsdp", None)
+
+
+def test_reshard_moves_to_new_layout(checkpoint):
+    mesh = sharding.make_mesh((1, 4, 2))
+    _, state = nnx.split(hf.load_model(checkpoint, mesh=mesh))
+    target_mesh = sharding.make_mesh((8, 1, 1))
+    arrays = nnx.to_pure_dict(state)
+    axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.logical_axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    targets = sharding.tree_shardings(arrays, axes, target_mesh)
+    moved = sharding.reshard(arrays, targets)
+    for before, after, target in zip(jax.tree.leaves(arrays), jax.tree.leaves(moved), jax.tree.leaves(targets)):
+        assert after.sharding == target
+        np.testing.assert_array_equal(before, after)
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 1), (2, -1, 3), (-1, -1, 1), (0, 8, 1)])
+def test_bad_mesh_is_a_clear_error(shape):
+    with pytest.raises(ValueError, match="mesh shape"):
+        sharding.make_mesh(shape)
+
+
+def test_minus_one_fills_remaining_devices():
+    assert dict(sharding.make_mesh((2, -1, 2)).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
