@@ -115,3 +115,18 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: dict[str, tuple[str, ...]] | No
     rules = DEFAULT_RULES if rules is None else rules
     shape = (batch_size if batch_size is not None else math.prod(mesh.shape[a] for a in rules["batch"]),) + (1,) * (ndim - 1)
     return named_sharding(shape, ("batch",) + (None,) * (ndim - 1), mesh, rules)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: dict[str, tuple[str, ...]] | None = None) -> Any:
+    """NamedShardings for an `nnx.State` whose Variables carry `logical_axes` metadata.
+
+    Returns a pytree of the same structure (Variables holding shardings), usable as jit
+    `out_shardings`, in `jax.device_put`, or in abstract targets for checkpoint restore.
+    """
+    from flax import nnx
+
+    return jax.tree.map(
+        lambda v: v.replace(named_sharding(v.shape, v.logical_axes, mesh, rules)),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )

@@ -1,0 +1,43 @@
+"""The embedded default: a tiny random Qwen3 on the toy arithmetic task, on CPU, in minutes.
+
+No downloads: the tokenizer and the data are generated into the workdir. A short supervised
+warm-up on the worked solutions brings the success rate off zero so that HSD has peers to learn
+from; then the RL loop runs as on a pod.
+
+    python main.py --config configs/tiny.py
+    python main.py --config configs/tiny.py:grpo   # a baseline on the same task
+"""
+
+import ml_collections
+
+from configs.base import base_config
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    c = base_config(variant)
+    c.workdir = "runs/tiny_" + (variant or "hsd")
+    c.model.arch = ml_collections.ConfigDict(
+        dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, rope_theta=10000.0, tie_word_embeddings=True,
+             max_position_embeddings=512)
+    )
+    c.model.param_dtype = "float32"
+    c.model.dtype = "float32"
+    c.model.remat = "none"
+    c.data.kind = "toy"
+    c.data.toy_examples = 2000
+    c.data.questions_per_step = 8
+    c.data.max_prompt_len = 96
+    c.data.enable_thinking = False
+    c.sampling.max_new_tokens = 64
+    c.sampling.cache_dtype = "float32"
+    c.loss.max_response_length = c.sampling.max_new_tokens
+    c.hindsight.max_teacher_len = 320
+    c.optimizer.learning_rate = 1e-4
+    c.mesh.shape = (1, -1, 1)
+    c.train.steps = 20
+    c.train.micro_batch = 64
+    c.train.sft_warmup_steps = 300
+    c.train.checkpoint_every = 10
+    c.train.eval_samples = 4
+    return c

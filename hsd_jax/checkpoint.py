@@ -1,0 +1,56 @@
+"""Orbax checkpoints of a run: the train state, the data iterator's position and the config.
+
+One `CheckpointManager` directory per run (`<workdir>/checkpoints/<step>/`), each step holding
+`state` (params, optimizer state, step: restored straight into the shardings of an abstract
+target), `data` (the grain iterator state, JSON) and `config` (JSON, for humans and for checking
+that a resumed run is the same run).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Saves and restores (train_state, data_state, config) by step; keeps the last few."""
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(directory),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, train_state: Any, data_state: dict, config: dict) -> None:
+        """Starts an asynchronous save of `step`; `wait()` or the next save finishes it."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(train_state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config),
+            ),
+        )
+
+    def restore(self, step: int, abstract_train_state: Any) -> tuple[Any, dict, dict]:
+        """(train_state, data_state, config) of `step`; arrays take the target's shardings."""
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_train_state),
+                data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored.state, restored.data, restored.config
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
