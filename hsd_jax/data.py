@@ -1,0 +1,330 @@
+"""Prompt datasets: local JSONL/Parquet rows -> validated rows -> chat prompts -> grain batches.
+
+Schemas (one JSON object per JSONL line, or one Parquet row):
+- math: `{"question": str, "answer": str | number, "solution": str (optional)}`
+- code: `{"question": str, "tests": tests, "fn_name": str (optional)}`, `tests` in a format
+  `hsd_jax.rewards.code.normalize_tests` accepts (APPS or LiveCodeBench style).
+A row that fails validation is skipped and counted by reason in `DataStats` (and logged), never
+raised; so is a prompt longer than `max_prompt_len` tokens.
+
+An example (what a batch holds, a list of `batch_size` of them) is the validated row plus
+`"prompt"` (the rendered text) and `"prompt_ids"` (list[int]); treat it as read-only. Batches come
+from a grain pipeline: rows sharded by JAX process (row i goes to process i % process_count),
+shuffled by seed, repeated for `num_epochs` (None: forever, reshuffled every epoch), batched with
+the remainder dropped. `iter(dataset)` has `get_state()` / `set_state()`: restoring a state taken
+after N batches yields exactly the batches an uninterrupted iterator yields after N.
+
+The toy task (`toy_problem`, `write_toy_dataset`, `build_toy_tokenizer`) is the embedded
+multi-step arithmetic task of `configs/tiny.py`: no downloads, verified by
+`hsd_jax.rewards.math.exact_match`.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import random
+import string
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+
+from hsd_jax.rewards.code import normalize_tests
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("math", "code")
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+CODE_INSTRUCTION = ("Write a complete Python 3 solution (the requested function, or a program "
+                    "reading stdin and writing stdout) in a single ```python code block.")
+_INSTRUCTIONS = {"math": MATH_INSTRUCTION, "code": CODE_INSTRUCTION}
+
+
+class RowError(ValueError):
+    """A dataset row that cannot be used; `reason` is the counter it is skipped under."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class DataStats:
+    """Counts of a dataset load: rows read, kept, and skipped by reason (with a few samples)."""
+    read: int = 0
+    kept: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    samples: list[str] = dataclasses.field(default_factory=list)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.samples) < 5:
+            self.samples.append(f"{where}: {reason}")
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"read {self.read} rows, kept {self.kept}, skipped: {skipped}"
+
+
+# ---------------------------------------------------------------------------- rows
+
+def _require_text(row: dict, field: str) -> str:
+    value = row.get(field)
+    if not isinstance(value, str) or not value.strip():
+        raise RowError(f"bad_{field}", f"{field!r} must be a non-empty string, got {value!r:.60}")
+    return value
+
+
+def validate_row(row: Any, kind: str) -> dict:
+    """The usable fields of a `kind` row ("math" or "code"); raises RowError saying why not."""
+    if not isinstance(row, dict):
+        raise RowError("not_an_object", f"a row must be a JSON object, got {type(row).__name__}")
+    clean = {"question": _require_text(row, "question")}
+    if kind == "math":
+        answer = row.get("answer")
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        clean["answer"] = _require_text({"answer": answer}, "answer")
+        if row.get("solution") is not None:
+            clean["solution"] = _require_text(row, "solution")
+    elif kind == "code":
+        fn_name = row.get("fn_name")
+        if fn_name is not None and not isinstance(fn_name, str):
+            raise RowError("bad_fn_name", f"'fn_name' must be a string, got {fn_name!r:.60}")
+        try:
+            normalize_tests(row.get("tests"), fn_name)
+        except ValueError as e:
+            raise RowError("bad_tests", str(e)) from None
+        clean["tests"] = row["tests"]
+        if fn_name:
+            clean["fn_name"] = fn_name
+    else:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return clean
+
+
+def _read_records(path: str) -> Iterator[tuple[Any, str | None]]:
+    """(record, None) per row of a .jsonl or .parquet file, or (None, reason) per unreadable line."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        for record in pq.read_table(path).to_pylist():
+            yield record, None
+    elif path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line), None
+                except json.JSONDecodeError:
+                    yield None, "invalid_json"
+    else:
+        raise ValueError(f"data file {path!r}: unknown format; use .jsonl (one JSON object per "
+                         "line) or .parquet")
+
+
+def load_rows(paths: str | Sequence[str], kind: str) -> tuple[list[dict], DataStats]:
+    """Validated rows of all `paths` in order, and the counts (bad rows skipped, logged)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    rows, stats = [], DataStats()
+    for path in [paths] if isinstance(paths, str) else paths:
+        for line, (record, error) in enumerate(_read_records(path), start=1):
+            stats.read += 1
+            try:
+                if error:
+                    raise RowError(error, error)
+                rows.append(validate_row(record, kind))
+            except RowError as e:
+                stats.skip(e.reason, f"{path} row {line}")
+    stats.kept = len(rows)
+    if stats.skipped:
+        logger.warning("%s data: %s (first: %s)", kind, stats.summary(), stats.samples)
+    return rows, stats
+
+
+# ---------------------------------------------------------------------------- prompts
+
+def user_content(question: str, kind: str = "math", instruction: str | None = None) -> str:
+    """The user turn: the question, a blank line and `instruction` (default: the kind's)."""
+    instruction = _INSTRUCTIONS[kind] if instruction is None else instruction
+    return f"{question}\n\n{instruction}" if instruction else question
+
+
+def render_prompt(question: str, tokenizer: Any, kind: str = "math", *,
+                  template: str = "chat", enable_thinking: bool = True,
+                  instruction: str | None = None) -> str:
+    """The prompt text for a question: its `user_content` as the user turn of the tokenizer's
+    chat template (`template="chat"`, with `enable_thinking` passed to it, as Qwen3's template
+    reads it), or substituted for `{question}` in a plain `template` string."""
+    content = user_content(question, kind, instruction)
+    if template != "chat":
+        if "{question}" not in template:
+            raise ValueError(f"template {template!r} has no {{question}} placeholder; "
+                             "use \"chat\" or a string containing {question}")
+        return template.replace("{question}", content)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat_template; pass a plain template string "
+                         "containing {question} instead of \"chat\"")
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True,
+                                         enable_thinking=enable_thinking)
+
+
+def encode_prompts(rows: Sequence[dict], tokenizer: Any, kind: str, *, max_prompt_len: int,
+                   stats: DataStats | None = None, **render_kwargs: Any) -> list[dict]:
+    """Examples (row + "prompt" + "prompt_ids") of the rows whose prompt has at most
+    `max_prompt_len` tokens; longer ones are counted in `stats` as "too_long"."""
+    examples = []
+    for i, row in enumerate(rows):
+        prompt = render_prompt(row["question"], tokenizer, kind, **render_kwargs)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_len:
+            if stats is not None:
+                stats.skip("too_long", f"row {i} ({len(ids)} > {max_prompt_len} tokens)")
+            continue
+        examples.append({**row, "prompt": prompt, "prompt_ids": list(ids)})
+    if stats is not None:
+        stats.kept = len(examples)
+    return examples
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+def shard_rows(examples: Sequence[dict], process_index: int | None = None,
+               process_count: int | None = None) -> grain.MapDataset:
+    """The examples of one JAX process (default: this one): indices i with
+    i % process_count == process_index. Shards are disjoint and cover the data."""
+    if process_index is None or process_count is None:
+        import jax
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return grain.MapDataset.source(list(examples))[process_index::process_count]
+
+
+def prompt_dataset(paths: str | Sequence[str], kind: str, tokenizer: Any, *, batch_size: int,
+                   max_prompt_len: int, seed: int = 0, num_epochs: int | None = None,
+                   shuffle: bool = True, process_index: int | None = None,
+                   process_count: int | None = None, template: str = "chat",
+                   enable_thinking: bool = True,
+                   instruction: str | None = None) -> tuple[grain.IterDataset, DataStats]:
+    """Batches (lists of `batch_size` examples) of this process's shard of `paths`.
+
+    `batch_size` is per process. Returns the grain IterDataset (`iter()` it for a checkpointable
+    iterator) and the load counts. Raises ValueError if no example survives for this process.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rows, stats = load_rows(paths, kind)
+    examples = encode_prompts(rows, tokenizer, kind, max_prompt_len=max_prompt_len, stats=stats,
+                              template=template, enable_thinking=enable_thinking,
+                              instruction=instruction)
+    if stats.skipped.get("too_long"):
+        logger.warning("%s data: %d prompts longer than %d tokens dropped", kind,
+                       stats.skipped["too_long"], max_prompt_len)
+    dataset = shard_rows(examples, process_index, process_count)
+    if len(dataset) < batch_size:
+        raise ValueError(f"this process's shard has {len(dataset)} examples, fewer than "
+                         f"batch_size={batch_size} ({stats.summary()}); add data, lower "
+                         "batch_size or raise max_prompt_len")
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed)
+    dataset = dataset.repeat(num_epochs).batch(batch_size, drop_remainder=True, batch_fn=list)
+    # Examples are already in memory: read synchronously, no prefetch threads.
+    return dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)), stats
+
+
+# ---------------------------------------------------------------------------- toy task
+
+TOY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+TOY_THINK_TOKENS = ("<think>", "</think>")
+_TOY_WORDS = ("What", "is", "the", "answer", "The", "boxed", "Please", "reason", "step", "by",
+              "and", "put", "your", "final", "within", "user", "assistant", "system")
+# Qwen3's template reduced to plain turns: same markers, same empty think block when
+# enable_thinking is false.
+TOY_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
+
+
+def toy_problem(rng: random.Random) -> dict:
+    """One multi-step arithmetic problem `{question, answer, solution}`: 2-3 operations
+    (+, -, *) on small numbers, left to right, with non-negative intermediate values; the
+    solution shows one step per line and ends with `\\boxed{answer}`."""
+    value = rng.randint(1, 20)
+    expr, steps = str(value), []
+    for _ in range(rng.randint(2, 3)):
+        op = rng.choice("+-*")
+        if op == "*" and value <= 50:
+            operand = rng.randint(2, 5)
+            new = value * operand
+        elif op == "-" and value > 1:
+            operand = rng.randint(1, value)
+            new = value - operand
+        else:
+            op, operand = "+", rng.randint(1, 20)
+            new = value + operand
+        if op == "*" and ("+" in expr or "-" in expr):  # evaluation is left to right
+            expr = f"({expr})"
+        expr = f"{expr} {op} {operand}"
+        steps.append(f"{value} {op} {operand} = {new}")
+        value = new
+    solution = "\n".join(steps) + f"\nThe answer is \\boxed{{{value}}}."
+    return {"question": f"What is {expr}?", "answer": str(value), "solution": solution}
+
+
+def write_toy_dataset(path: str, n: int, seed: int) -> str:
+    """Writes `n` toy problems (math schema JSONL) to `path`, deterministically from `seed`."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            f.write(json.dumps(toy_problem(rng)) + "\n")
+    return path
+
+
+def _toy_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Characters (printable ASCII + newline) plus a few whole words built by BPE merges."""
+    vocab = {"<unk>": 0}
+    for char in string.printable:
+        if char not in "\t\r\x0b\x0c":
+            vocab.setdefault(char, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in _TOY_WORDS:
+        for i in range(1, len(word)):
+            if (word[:i], word[i]) not in merges:
+                merges.append((word[:i], word[i]))
+            vocab.setdefault(word[:i + 1], len(vocab))
+    return vocab, merges
+
+
+def build_toy_tokenizer(directory: str) -> str:
+    """Saves the toy tokenizer in Hugging Face layout (tokenizer.json + tokenizer_config.json
+    with the chat template) under `directory`, loadable by `AutoTokenizer.from_pretrained`.
+    Qwen3's special tokens; eos `<|im_end|>`, pad `<|endoftext|>`; vocab < 256."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab, merges = _toy_vocab()
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s"), "isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t in TOY_SPECIAL_TOKENS])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t in TOY_THINK_TOKENS])
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
+              "pad_token": "<|endoftext|>", "unk_token": "<unk>", "bos_token": None,
+              "model_max_length": 32768, "clean_up_tokenization_spaces": False,
+              "chat_template": TOY_CHAT_TEMPLATE}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return directory
