@@ -1,0 +1,452 @@
+"""Jitted generation for Qwen3: one prefill pass, then a `lax.while_loop` decode over a KV cache.
+
+Shapes: `P` prompts, `n` samples per prompt, `B = P * n` rows, `T` prompt bucket length, `M`
+max_new_tokens, `S = T + M - 1` cache slots, `V` vocab, `L` layers, `K` kv heads, `H` head dim.
+
+How a call runs (`generate`):
+- Host: prompts (ragged token lists) are checked (errors name the field and the fix, before
+  anything traces) and left-padded to the smallest bucket `T` of `SamplingConfig.prompt_buckets`
+  that fits the longest, so a run compiles once per (P, T, M) and not per prompt length.
+- Device, one jitted function: prefill of the P prompts (padding has segment 0, so it is never
+  attended; positions count from each prompt's first real token), the cache rows repeated n
+  times (row r belongs to prompt r // n), then the decode loop. All rows write the same cache
+  slot each step; the loop stops per row on an EOS id or after M tokens and exits as soon as every
+  row is done. The cache is allocated inside the compiled function (optionally bfloat16) and the
+  while loop updates it in place, so no cache buffer crosses the jit boundary.
+
+Sampling (`sample_tokens`), per row, with HF's order temperature -> top-k -> top-p -> min-p:
+- The returned logprob is of the distribution actually sampled from: the temperature-scaled,
+  truncated and renormalised one (importance ratios in the trainer start at 1). Temperature 0
+  is greedy (argmax); its logprob is that of the untruncated temperature-1 distribution.
+- With top_k > 0: `lax.top_k` to k candidates, then top-p / min-p on those (sorted, exact).
+- With top_k = 0, top-p keeps token v iff the mass of tokens strictly more likely than v is
+  < top_p (HF's rule; tokens tied with the last kept one are all kept). No full-vocabulary sort:
+  the cut-off probability is found exactly by bisection on the float32 bit pattern of the
+  unnormalised probabilities (one fused masked sum over V per step, <= 30 steps). On CPU rows
+  are processed a few at a time so each row's probabilities stay in cache during the search.
+- The token is drawn by inverse CDF from one uniform per row over 128-token blocks (block sums,
+  then one block), so no V-sized random draw and no V-sized cumsum. Rows use independent keys
+  `fold_in(fold_in(key, row), step)`: deterministic for a key, and the same on any mesh.
+
+Sharding: with a mesh, rows are split over the `batch` rule's axes and the KV cache's kv heads
+over the `kv_heads` rule's axes; parameters keep their own shardings (see `sampling_params`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hsd_jax import sharding
+from models.qwen3 import DTYPES, KVCache, Qwen3Config
+
+# Sampling keeps weights whole along the data/fsdp axes (an all-gather per decode step would cost
+# more than the memory saved) and splits heads, MLP and vocab over the tensor axis.
+SAMPLING_RULES: dict[str, tuple[str, ...]] = {**sharding.DEFAULT_RULES, "embed": ()}
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+_BLOCK = 128  # tokens per block of the two-level inverse-CDF draw
+_ONE_BITS = 0x3F800000  # float32 bit pattern of 1.0
+_CHUNK_ELEMENTS = 2**18  # CPU: logits per row chunk of the full-vocabulary search (about 1 MiB)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """What to generate and how to sample. Hashable: the jitted sampler compiles per config.
+
+    temperature: 0 = greedy.  top_p: in (0, 1], 1 = off.  top_k: 0 = off.  min_p: 0 = off.
+    n: samples per prompt.  eos_ids: ids that end a row (the EOS is kept and counted).
+    prompt_buckets: prompt lengths that compile (a prompt is left-padded to the smallest that fits).
+    cache_dtype: KV cache dtype ("bfloat16", "float32", ...); None = the model's compute dtype.
+    pad_id: token written after a row ends.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    n: int = 1
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    cache_dtype: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+        object.__setattr__(self, "prompt_buckets", tuple(sorted(int(b) for b in self.prompt_buckets)))
+
+        def need(ok: bool, field: str, fix: str):
+            if not ok:
+                raise ValueError(f"SamplingConfig.{field}={getattr(self, field)!r}: {fix}.")
+
+        need(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "use an int >= 1")
+        need(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", "use a float >= 0 (0 = greedy)")
+        need(0 < self.top_p <= 1, "top_p", "use a value in (0, 1] (1 = off)")
+        need(_is_int(self.top_k) and self.top_k >= 0, "top_k", "use an int >= 0 (0 = off)")
+        need(0 <= self.min_p <= 1, "min_p", "use a value in [0, 1] (0 = off)")
+        need(_is_int(self.n) and self.n >= 1, "n", "use an int >= 1 samples per prompt")
+        need(all(i >= 0 for i in self.eos_ids), "eos_ids", "use non-negative token ids")
+        need(_is_int(self.pad_id) and self.pad_id >= 0, "pad_id", "use a non-negative token id")
+        need(bool(self.prompt_buckets) and self.prompt_buckets[0] >= 1, "prompt_buckets", "give at least one length >= 1")
+        need(self.cache_dtype is None or self.cache_dtype in DTYPES, "cache_dtype", f"use None or one of {sorted(DTYPES)}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rollouts:
+    """Generated rows; row r continues prompt `prompt_index[r]` (= r // n).
+
+    tokens:       [B, M] int32    generated ids; pad_id after a row's EOS
+    logprobs:     [B, M] float32  log-prob of each token under the distribution it was drawn from; 0 after the end
+    lengths:      [B] int32       generated tokens per row, the EOS included
+    truncated:    [B] bool        no EOS within max_new_tokens
+    prompt_index: [B] int32       which prompt each row continues
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+    truncated: jax.Array
+    prompt_index: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling from logits
+# ----------------------------------------------------------------------------------------------
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.int32)
+
+
+def _float(b: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(b, jnp.float32)
+
+
+def top_p_threshold(e: jax.Array, top_p: float) -> jax.Array:
+    """Smallest kept value of top-p over unnormalised probabilities e [b, V] (max 1) -> [b].
+
+    Token v is kept iff F(e_v) < top_p * Z, where F(t) = sum of e_u > t and Z = sum e; F falls as
+    t grows, so the kept set is {e >= tau} for the smallest float tau with F(tau) < top_p * Z.
+    Positive floats order like their int32 bit patterns, so bisection over the bits finds tau
+    exactly. Invariant: F(lo) >= top_p * Z > F(hi). It starts from hi = 1 (F = 0) and lo just
+    below (1 - top_p) * Z / V, a bound tau always exceeds, so it takes <= 30 masked sums.
+    """
+    z = jnp.sum(e, axis=-1)
+    target = top_p * z
+    lo = _bits((1.0 - top_p) * z / (2 * e.shape[-1]))
+    hi = jnp.full_like(lo, _ONE_BITS)
+
+    def step(bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        mass_above = jnp.sum(jnp.where(e > _float(mid)[:, None], e, 0.0), axis=-1)
+        kept = mass_above < target
+        return jnp.where(kept, lo, mid), jnp.where(kept, mid, hi)
+
+    _, hi = jax.lax.while_loop(lambda b: jnp.any(b[1] - b[0] > 1), step, (lo, hi))
+    return _float(hi)
+
+
+def _first_above(cumulative: jax.Array, weights: jax.Array, r: jax.Array) -> jax.Array:
+    """Index of the first cumulative [b, C] > r [b]; the last positive weight if rounding leaves none."""
+    idx = jnp.sum(cumulative <= r[:, None], axis=-1)
+    last = jnp.max(jnp.where(weights > 0, jnp.arange(weights.shape[-1]), 0), axis=-1)
+    return jnp.where(idx < weights.shape[-1], idx, last).astype(jnp.int32)
+
+
+def inverse_cdf(q: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Draws index v with probability q_v / sum q from weights q [b, V] >= 0 and uniforms u [b].
+
+    Two levels (sums of 128-token blocks, then the chosen block), so no V-sized cumsum and one
+    uniform per row. A zero weight is never drawn. Returns (index [b] int32, sum q [b]).
+    """
+    b, V = q.shape
+    blocks = jnp.pad(q, ((0, 0), (0, -V % _BLOCK))).reshape(b, -1, _BLOCK)
+    block_mass = jnp.sum(blocks, axis=-1)
+    block_cum = jnp.cumsum(block_mass, axis=-1)
+    total = block_cum[:, -1]
+    r = u * total
+    j = _first_above(block_cum, block_mass, r)
+    before = jnp.where(j > 0, jnp.take_along_axis(block_cum, jnp.maximum(j - 1, 0)[:, None], -1)[:, 0], 0.0)
+    inner = jnp.take_along_axis(blocks, j[:, None, None], axis=1)[:, 0]
+    i = _first_above(jnp.cumsum(inner, axis=-1), inner, r - before)
+    return j * _BLOCK + i, total
+
+
+def _sample_full_vocab(x: jax.Array, u: jax.Array, top_p: float, min_p: float) -> tuple[jax.Array, jax.Array]:
+    """Top-p / min-p sampling over the whole vocabulary. x: scaled logits [b, V], u: [b]."""
+    shifted = x - jnp.max(x, axis=-1, keepdims=True)
+    e = jnp.exp(shifted)  # max 1
+    tau = jnp.zeros(x.shape[:1], jnp.float32)
+    if top_p < 1:
+        tau = top_p_threshold(e, top_p)
+    if min_p > 0:
+        tau = jnp.maximum(tau, min_p)  # p_v >= min_p * p_max  <=>  e_v >= min_p
+    token, kept_mass = inverse_cdf(jnp.where(e >= tau[:, None], e, 0.0), u)
+    logprob = jnp.take_along_axis(shifted, token[:, None], -1)[:, 0] - jnp.log(kept_mass)
+    return token, logprob
+
+
+def _sample_top_k(x: jax.Array, u: jax.Array, top_k: int, top_p: float, min_p: float) -> tuple[jax.Array, jax.Array]:
+    """Top-k, then top-p and min-p within the k sorted candidates. x: scaled logits [b, V], u: [b]."""
+    values, ids = jax.lax.top_k(x, min(top_k, x.shape[-1]))  # [b, k], descending
+    # max, not values[:, :1]: with that slice XLA:CPU rewrites top_k into a full sort (100x slower)
+    shifted = values - jnp.max(values, axis=-1, keepdims=True)
+    e = jnp.exp(shifted)
+    keep = jnp.ones(e.shape, bool)
+    if top_p < 1:
+        mass_before = jnp.cumsum(e, axis=-1) - e
+        keep &= mass_before < top_p * jnp.sum(e, axis=-1, keepdims=True)
+    if min_p > 0:
+        keep &= e >= min_p
+    i, kept_mass = inverse_cdf(jnp.where(keep, e, 0.0), u)
+    take = lambda a: jnp.take_along_axis(a, i[:, None], -1)[:, 0]
+    return take(ids), take(shifted) - jnp.log(kept_mass)
+
+
+def _map_rows(fn, arrays: tuple[jax.Array, ...], groups: int) -> tuple[jax.Array, ...]:
+    """fn over rows [B, V] on CPU in chunks of about _CHUNK_ELEMENTS (cache-resident), else at once.
+
+    Each chunk takes the same number of rows from each of `groups` contiguous row groups (the
+    batch shards), so a sharded batch stays local to its devices.
+    """
+    B, V = arrays[0].shape[:2]
+    per = B // groups
+    rows = max([r for r in range(1, max(1, _CHUNK_ELEMENTS // V) + 1) if per % r == 0])
+    if jax.default_backend() != "cpu" or B % groups or rows == per:
+        return fn(*arrays)
+    split = lambda a: a.reshape(groups, per // rows, rows, *a.shape[1:]).transpose(1, 2, 0, *range(3, a.ndim + 2))
+    merge = lambda a: a.transpose(2, 0, 1, *range(3, a.ndim)).reshape(B, *a.shape[3:])
+    flat = lambda a: a.reshape(rows * groups, *a.shape[2:])
+    chunk = lambda xs: tuple(o.reshape(rows, groups, *o.shape[1:]) for o in fn(*map(flat, xs)))
+    return tuple(merge(o) for o in jax.lax.map(chunk, tuple(split(a) for a in arrays)))
+
+
+def sample_tokens(
+    logits: jax.Array, keys: jax.Array, config: SamplingConfig, row_groups: int = 1
+) -> tuple[jax.Array, jax.Array]:
+    """Draws one token per row. logits [B, V] float32, keys [B] -> (tokens [B] int32, logprobs [B]).
+
+    logprobs are of the temperature-scaled, truncated, renormalised distribution sampled from
+    (for temperature 0: argmax, with the untruncated temperature-1 logprob). `row_groups` is the
+    number of batch shards (keeps the CPU row chunking local to each shard).
+    """
+    logits = logits.astype(jnp.float32)
+    if config.temperature == 0:
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logprob = jnp.take_along_axis(logits, token[:, None], -1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+        return token, logprob
+    x = logits / config.temperature
+    u = jax.vmap(jax.random.uniform)(keys)
+    if config.top_k:
+        return _sample_top_k(x, u, config.top_k, config.top_p, config.min_p)
+    sample = lambda x, u: _sample_full_vocab(x, u, config.top_p, config.min_p)
+    return _map_rows(sample, (x, u), row_groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: checks, buckets, padding
+# ----------------------------------------------------------------------------------------------
+
+
+def prompt_bucket(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length."""
+    for bucket in sorted(buckets):
+        if bucket >= length:
+            return bucket
+    raise ValueError(f"prompt of {length} tokens is longer than the largest prompt bucket {max(buckets)}: "
+                     "add a larger length to SamplingConfig.prompt_buckets or shorten the prompt.")
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], config: SamplingConfig, model_config: Qwen3Config) -> None:
+    """Raises ValueError naming the problem and the fix; runs before anything traces."""
+    V, context = model_config.vocab_size, model_config.max_position_embeddings
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)) or len(prompts) == 0:
+        raise ValueError("prompts: pass a non-empty list of token-id lists (tokenise text first).")
+    for field, ids in (("eos_ids", config.eos_ids), ("pad_id", (config.pad_id,))):
+        if any(i >= V for i in ids):
+            raise ValueError(f"SamplingConfig.{field}={getattr(config, field)!r}: ids must be < vocab_size={V}.")
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (Sequence, np.ndarray)):
+            raise ValueError(f"prompts[{i}] is {type(prompt).__name__}: pass a list of token ids.")
+        if len(prompt) == 0:
+            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token (e.g. BOS).")
+        if len(prompt) + config.max_new_tokens > context:
+            raise ValueError(
+                f"prompts[{i}] has {len(prompt)} tokens; with max_new_tokens={config.max_new_tokens} that exceeds "
+                f"the context window max_position_embeddings={context}: shorten the prompt or lower max_new_tokens."
+            )
+        ids = np.asarray(prompt)
+        if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= V:
+            raise ValueError(f"prompts[{i}] has ids outside [0, vocab_size={V}): pass integer token ids.")
+        prompt_bucket(len(prompt), config.prompt_buckets)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads prompts to `length`: (tokens [P, length] int32, pad lengths [P] int32)."""
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    pads = np.array([length - len(p) for p in prompts], np.int32)
+    for row, (prompt, pad) in enumerate(zip(prompts, pads)):
+        tokens[row, pad:] = prompt
+    return tokens, pads
+
+
+# ----------------------------------------------------------------------------------------------
+# The jitted prefill + decode loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _constrain(x: jax.Array, axes: tuple[str | None, ...], mesh, rules) -> jax.Array:
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding.named_sharding(x.shape, axes, mesh, rules))
+
+
+def _row_groups(batch: int, mesh, rules) -> int:
+    """How many shards the batch axis is split into (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    shard = sharding.named_sharding((batch,), ("batch",), mesh, rules).shard_shape((batch,))[0]
+    return batch // shard
+
+
+def _prefill(model, tokens: jax.Array, pads: jax.Array, config: SamplingConfig, mesh, rules):
+    """Runs the P prompts [P, T] and returns (last logits [P, V], cache [L, P, T, K, H] filled)."""
+    P, T = tokens.shape
+    slots = jnp.arange(T)[None]
+    positions = jnp.maximum(slots - pads[:, None], 0)
+    segments = (slots >= pads[:, None]).astype(jnp.int32)
+    cache = KVCache.init(model.config, P, T, config.cache_dtype)
+    cache = dataclasses.replace(cache, k=_constrain(cache.k, CACHE_AXES, mesh, rules),
+                                v=_constrain(cache.v, CACHE_AXES, mesh, rules))
+    hidden, cache = model(tokens, positions, segments, cache)
+    return model.logits(hidden[:, -1]), cache
+
+
+def _expand_cache(cache: KVCache, n: int, slots: int, mesh, rules) -> KVCache:
+    """Repeats each prompt's cache row n times and adds empty slots up to `slots`."""
+    T = cache.segment_ids.shape[1]
+    def grow(a, axis):  # repeat along the batch axis, pad the slot axis right after it
+        widths = [(0, slots - T) if d == axis + 1 else (0, 0) for d in range(a.ndim)]
+        return jnp.pad(jnp.repeat(a, n, axis=axis), widths)
+
+    return KVCache(
+        k=_constrain(grow(cache.k, 1), CACHE_AXES, mesh, rules),
+        v=_constrain(grow(cache.v, 1), CACHE_AXES, mesh, rules),
+        segment_ids=_constrain(grow(cache.segment_ids, 0), ("batch", "length"), mesh, rules),
+        index=cache.index,
+    )
+
+
+def _generate(graphdef, params, tokens, pads, key, config: SamplingConfig, mesh, rules_items) -> Rollouts:
+    """tokens [P, T] left-padded, pads [P] -> Rollouts of B = P * n rows (see module docstring)."""
+    rules = None if rules_items is None else dict(rules_items)
+    model = nnx.merge(graphdef, params)
+    P, T = tokens.shape
+    n, M = config.n, config.max_new_tokens
+    B = P * n
+    batch = lambda x: _constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh, rules)
+    groups = _row_groups(B, mesh, rules)
+    eos = jnp.asarray(config.eos_ids or (-1,), jnp.int32)
+    row_keys = batch(jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B)))
+
+    def draw(logits, step):
+        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+        return sample_tokens(logits, keys, config, groups)
+
+    logits, cache = _prefill(model, tokens, pads, config, mesh, rules)
+    cache = _expand_cache(cache, n, T + M - 1, mesh, rules)
+    prompt_lengths = batch(jnp.repeat(T - pads, n))  # = position of the first generated token
+    token, logprob = draw(batch(jnp.repeat(logits, n, axis=0)), 0)
+    ended = jnp.any(token[:, None] == eos, axis=-1)
+    state = dict(
+        step=jnp.ones((), jnp.int32), cache=cache, token=token, ended=ended,
+        tokens=batch(jnp.full((B, M), config.pad_id, jnp.int32).at[:, 0].set(token)),
+        logprobs=batch(jnp.zeros((B, M), jnp.float32).at[:, 0].set(logprob)),
+        lengths=batch(jnp.ones((B,), jnp.int32)),
+    )
+
+    def running(s):
+        return (s["step"] < M) & ~jnp.all(s["ended"])
+
+    def decode(s):
+        step = s["step"]
+        positions = (prompt_lengths + step - 1)[:, None]
+        hidden, cache = model(s["token"][:, None], positions, jnp.ones((B, 1), jnp.int32), s["cache"])
+        token, logprob = draw(model.logits(hidden[:, 0]), step)
+        active = ~s["ended"]
+        token = jnp.where(active, token, config.pad_id)
+        column = lambda out, x: jax.lax.dynamic_update_slice(out, x[:, None], (0, step))
+        return dict(
+            step=step + 1, cache=cache, token=token,
+            ended=s["ended"] | jnp.any(token[:, None] == eos, axis=-1),
+            tokens=column(s["tokens"], token),
+            logprobs=column(s["logprobs"], jnp.where(active, logprob, 0.0)),
+            lengths=s["lengths"] + active,
+        )
+
+    s = jax.lax.while_loop(running, decode, state)
+    return Rollouts(
+        tokens=s["tokens"], logprobs=s["logprobs"], lengths=s["lengths"], truncated=~s["ended"],
+        prompt_index=batch(jnp.arange(B, dtype=jnp.int32) // n),
+    )
+
+
+_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "config", "mesh", "rules_items"))
+
+
+def generate(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompts: Sequence[Sequence[int]],
+    key: jax.Array,
+    config: SamplingConfig,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: dict[str, tuple[str, ...]] | None = None,
+) -> Rollouts:
+    """Samples config.n continuations of each prompt (ragged token-id lists) -> Rollouts [P * n].
+
+    graphdef, params: `nnx.split(model)` of a `models.qwen3.Qwen3` (params as placed; see
+    `sampling_params`). With a mesh, rows are sharded by `rules` (default SAMPLING_RULES).
+    Compiles once per (len(prompts), prompt bucket, max_new_tokens) and config.
+    """
+    model_config = nnx.merge(graphdef, params).config
+    check_prompts(prompts, config, model_config)
+    bucket = prompt_bucket(max(len(p) for p in prompts), config.prompt_buckets)
+    tokens, pads = left_pad(prompts, bucket, config.pad_id)
+    rules_items = None
+    if mesh is not None:
+        rules = SAMPLING_RULES if rules is None else rules
+        rules_items = tuple(sorted((k, tuple(v)) for k, v in rules.items()))
+        tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2, rules, batch_size=len(prompts)))
+        pads = jax.device_put(pads, sharding.batch_sharding(mesh, 1, rules, batch_size=len(prompts)))
+    return _generate_jit(graphdef, params, tokens, pads, key, config=config, mesh=mesh, rules_items=rules_items)
+
+
+def sampling_params(
+    params: nnx.State, mesh: jax.sharding.Mesh, rules: dict[str, tuple[str, ...]] | None = None
+) -> nnx.State:
+    """Moves (training-layout) params into the sampling layout on `mesh`, one array at a time.
+
+    The layout comes from each parameter's logical axes and `rules` (default SAMPLING_RULES:
+    weights split over the tensor axis only). Peak extra memory is one parameter in flight.
+    """
+    rules = SAMPLING_RULES if rules is None else rules
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    targets = jax.tree.map(
+        lambda v: v.replace(sharding.named_sharding(v.shape, v.logical_axes, mesh, rules)), params, is_leaf=is_var
+    )
+    return sharding.reshard(params, targets)
