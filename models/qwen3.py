@@ -217,14 +217,15 @@ def decoder_layer(
     p: dict[str, jax.Array],
     positions: jax.Array,
     mask: jax.Array,
-    kv: tuple[jax.Array, jax.Array] | None,
+    cache: tuple[jax.Array, jax.Array, jax.Array] | None,
     write_index: jax.Array,
     config: Qwen3Config,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm decoder layer. x: [B, T, D]; p: this layer's parameters.
 
-    kv: this layer's cached (k, v) [B, S, K, H] or None; the new keys/values are written at
-    `write_index` and attention reads the whole (updated) cache. Returns (x, (k, v)).
+    cache: (k, v) of all layers [L, B, S, K, H] and this layer's index l, or None. The new keys
+    and values are written in place at layer l, slot `write_index`, and attention reads layer
+    l's whole (updated) cache. Returns (x, updated (k, v) of all layers or None).
     """
     eps, dtype = config.rms_norm_eps, x.dtype
     h = rms_norm(x, p["attn_norm"], eps)
@@ -233,17 +234,19 @@ def decoder_layer(
     v = jnp.einsum("btd,dkh->btkh", h, p["v_proj"].astype(dtype))
     q = rope(rms_norm(q, p["q_norm"], eps), positions, config.rope_theta)
     k = rope(rms_norm(k, p["k_norm"], eps), positions, config.rope_theta)
-    if kv is not None:
-        start = (0, write_index, 0, 0)
-        k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
-        v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+    if cache is not None:
+        k_all, v_all, l = cache
+        start = (l, 0, write_index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+        k, v = k_all[l], v_all[l]
     attn = attention(q, k.astype(dtype), v.astype(dtype), mask)
     x = x + jnp.einsum("btnh,nhd->btd", attn, p["o_proj"].astype(dtype))
     h = rms_norm(x, p["mlp_norm"], eps)
     gate = jnp.einsum("btd,df->btf", h, p["gate_proj"].astype(dtype))
     up = jnp.einsum("btd,df->btf", h, p["up_proj"].astype(dtype))
     x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"].astype(dtype))
-    return x, (k, v)
+    return x, None if cache is None else (k_all, v_all)
 
 
 LAYER_PARAMS = {
@@ -326,10 +329,7 @@ class Qwen3(nnx.Module):
 
         def layer(carry, p):
             x, kv, l = carry
-            layer_kv = None if kv is None else (kv[0][l], kv[1][l])
-            x, (k, v) = decoder_layer(x, p, positions, mask, layer_kv, write_index, c)
-            if kv is not None:
-                kv = (kv[0].at[l].set(k), kv[1].at[l].set(v))
+            x, kv = decoder_layer(x, p, positions, mask, None if kv is None else (*kv, l), write_index, c)
             return (x, kv, l + 1), None
 
         if REMAT_POLICIES[c.remat] is not None:
