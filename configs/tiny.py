@@ -32,6 +32,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.sampling.max_new_tokens = 64
     c.sampling.cache_dtype = "float32"
     c.loss.max_response_length = c.sampling.max_new_tokens
+    c.loss.overlong_buffer = min(c.loss.overlong_buffer, c.sampling.max_new_tokens // 4)
     c.hindsight.max_teacher_len = 320
     c.optimizer.learning_rate = 1e-4
     c.mesh.shape = (1, -1, 1)

@@ -3,7 +3,8 @@
 One `CheckpointManager` directory per run (`<workdir>/checkpoints/<step>/`), each step holding
 `state` (params, optimizer state, step: restored straight into the shardings of an abstract
 target), `data` (the grain iterator state, JSON) and `config` (JSON, for humans and for checking
-that a resumed run is the same run).
+that a resumed run is the same run). `save_params` / `restore_params` keep one params pytree on
+its own, e.g. the initial policy pi_0 of the reference KL when it was made by a warm-up.
 """
 
 from __future__ import annotations
@@ -54,3 +55,15 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def save_params(path: str | os.PathLike, params: Any) -> None:
+    """Writes one params pytree to `path` (synchronously)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(path), params)
+
+
+def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
+    """Reads params saved by `save_params` into the shapes and shardings of `abstract_params`."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(os.path.abspath(path), abstract_params)

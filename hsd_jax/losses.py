@@ -1,0 +1,624 @@
+"""Pure JAX losses for HSD and the GRPO family (see shared/PAPER.md for every formula).
+
+Shapes: ``B`` batch (rollouts), ``T`` response time, ``D`` model dim, ``V`` vocab, ``G`` group size.
+
+Data flow inside the trainer's one jitted update step::
+
+    ref_lp, _ = token_logprobs(ref_hidden, head, tokens)                   # no grad needed
+    out = distill_divergence(teacher_hidden, student_hidden, head, tokens)  # one student pass
+    loss, metrics = objective(LossInputs(out.logprobs, mask, old_logprobs=..., ref_logprobs=ref_lp,
+                                         advantages=..., divergence=out.divergence,
+                                         credit=out.credit, entropy=out.entropy), cfg)
+
+``token_logprobs`` and ``distill_divergence`` never hold ``[B, T, V]`` logits: they scan over chunks
+of the flattened ``B*T`` positions under ``jax.checkpoint``, so forward and backward hold
+``O(chunk_size * V)``. Chunk ``i`` holds the strided positions ``i, i + n, i + 2n, ...`` (``n``
+chunks), so a batch sharded over devices stays sharded inside every chunk. Logits are computed in
+float32 and divided by the sampling temperature.
+
+Gradient accumulation: every aggregated term is ``numerator / denominator``. Compute the
+denominators once over the whole batch (``loss_denominators``) and pass them to ``objective`` for
+each micro-batch; the micro-batch losses (and their gradients) then sum to the full-batch loss
+exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+sg = jax.lax.stop_gradient
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "sampled")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+REF_KLS = ("k1", "k2", "k3")
+RATIO_LEVELS = ("token", "sequence")
+_LOG_RATIO_CLAMP = 20.0  # |log ratio| bound before exp, as in verl
+_K3_MAX = 10.0  # k3 is clamped above at this value (zero gradient beyond)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked logits
+# ----------------------------------------------------------------------------------------------
+
+
+def _logits(hidden: Array, head: Array, head_layout: str, temperature: float) -> Array:
+    """``hidden [C, D]`` x ``head [D, V]`` (or ``[V, D]``) -> float32 ``[C, V]`` / temperature."""
+    specs = {"dv": "cd,dv->cv", "vd": "cd,vd->cv"}
+    if head_layout not in specs:
+        raise ValueError(f"head_layout={head_layout!r}: use 'dv' for head [D, V], 'vd' for [V, D]")
+    logits = jnp.einsum(specs[head_layout], hidden, head, preferred_element_type=jnp.float32)
+    return logits / temperature
+
+
+def _take(logp: Array, targets: Array) -> Array:
+    """``logp [C, V]``, ``targets [C]`` -> ``logp[c, targets[c]]`` as ``[C]``."""
+    return jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+
+
+def _entropy(logp: Array) -> Array:
+    """Entropy ``[...]`` of log-probabilities ``[..., V]``."""
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def _chunked(fn: Callable, head: Array, positional: tuple[Array, ...], chunk_size: int):
+    """Map ``fn(head, *chunk) -> pytree of [C]`` over chunks of ``B*T`` positions.
+
+    Each array in ``positional`` is ``[B, T, ...]``; the result is the same pytree with ``[B, T]``
+    leaves. ``fn`` runs under ``jax.checkpoint``: only the chunk inputs are kept for the backward
+    pass, which recomputes the ``[C, V]`` logits chunk by chunk.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    b, t = positional[0].shape[:2]
+    n = b * t
+    c = min(chunk_size, n)
+    num_chunks = -(-n // c)
+
+    def to_chunks(x):  # [B, T, ...] -> [num_chunks, C, ...], chunk i = positions i, i+n_chunks, ...
+        x = x.reshape(n, *x.shape[2:])
+        x = jnp.pad(x, [(0, num_chunks * c - n)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape(c, num_chunks, *x.shape[1:]).swapaxes(0, 1)
+
+    def from_chunks(y):  # [num_chunks, C] -> [B, T]
+        return y.swapaxes(0, 1).reshape(-1)[:n].reshape(b, t)
+
+    body = jax.checkpoint(lambda xs: fn(head, *xs))
+    out = jax.lax.map(body, tuple(to_chunks(x) for x in positional))
+    return jax.tree.map(from_chunks, out)
+
+
+def token_logprobs(
+    hidden: Array,
+    head: Array,
+    targets: Array,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    head_layout: str = "dv",
+) -> tuple[Array, Array]:
+    """Log-probs of ``targets`` and entropies under ``softmax(hidden @ head / temperature)``.
+
+    Args:
+      hidden: ``[B, T, D]`` final hidden states (after the final norm); ``hidden[b, t]`` predicts
+        ``targets[b, t]``.
+      head: LM head ``[D, V]`` (``head_layout="dv"``) or ``[V, D]`` (``"vd"``, tied embeddings).
+      targets: ``[B, T]`` int token ids.
+      temperature: sampling temperature (logits are divided by it).
+      chunk_size: positions per chunk; memory is ``O(chunk_size * V)`` forward and backward.
+    Returns:
+      ``(logprobs [B, T] float32, differentiable; entropy [B, T] float32, no gradient)``.
+    """
+
+    def chunk(w, h, tgt):
+        logp = jax.nn.log_softmax(_logits(h, w, head_layout, temperature))
+        return _take(logp, tgt), sg(_entropy(logp))
+
+    return _chunked(chunk, head, (hidden, targets), chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher-student divergences
+# ----------------------------------------------------------------------------------------------
+
+
+def _kl(logp: Array, logq: Array) -> Array:
+    """``KL(p || q)`` over the last axis from log-probabilities."""
+    return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+
+
+def _full_divergence(teacher_logp: Array, student_logp: Array, kind: str, alpha: float) -> Array:
+    """Divergence over the last axis of log-probabilities ``[..., V]`` -> ``[...]``.
+
+    ``kl``: KL(teacher || student) (HSD Eq. 13). ``reverse_kl``: KL(student || teacher).
+    ``jsd``: generalised JSD ``(1 - alpha) KL(S || M) + alpha KL(T || M)`` with the mixture
+    ``M = (1 - alpha) S + alpha T``; following trl's SDPO/GKD convention the endpoints are special
+    cased: ``alpha = 0`` is KL(teacher || student) and ``alpha = 1`` is KL(student || teacher).
+    """
+    if kind == "kl" or (kind == "jsd" and alpha == 0.0):
+        return _kl(teacher_logp, student_logp)
+    if kind == "reverse_kl" or (kind == "jsd" and alpha == 1.0):
+        return _kl(student_logp, teacher_logp)
+    mix = jnp.logaddexp(student_logp + jnp.log1p(-alpha), teacher_logp + jnp.log(alpha))
+    return (1.0 - alpha) * _kl(student_logp, mix) + alpha * _kl(teacher_logp, mix)
+
+
+def _with_tail(logp_topk: Array) -> Array:
+    """``[C, K]`` top-k log-probs -> ``[C, K + 1]``: one extra bucket holds the remaining mass."""
+    captured = jnp.minimum(jax.nn.logsumexp(logp_topk, axis=-1, keepdims=True), -1e-7)
+    return jnp.concatenate([logp_topk, jnp.log(-jnp.expm1(captured))], axis=-1)
+
+
+class DistillOutput(NamedTuple):
+    """Per-position results of ``distill_divergence``, all ``[B, T]`` float32."""
+
+    divergence: Array  # differentiable w.r.t. the student (and the head through the student)
+    credit: Array  # log pT(o_t) - log pS(o_t), HSD Eq. 2; no gradient
+    logprobs: Array  # student log pS(o_t); differentiable
+    entropy: Array  # student entropy; no gradient
+
+
+def distill_divergence(
+    teacher_hidden: Array,
+    student_hidden: Array,
+    head: Array,
+    targets: Array,
+    *,
+    divergence: str = "kl",
+    alpha: float = 0.5,
+    top_k: int | None = None,
+    top_k_support: str = "student",
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    head_layout: str = "dv",
+) -> DistillOutput:
+    """Fused chunked teacher-student divergence, sampled-token credit and student logprobs.
+
+    The teacher is the same LM head under ``stop_gradient``: no gradient reaches
+    ``teacher_hidden``, and the head's gradient comes only through the student.
+
+    Args:
+      teacher_hidden: ``[B, T, D]`` teacher final hidden states, aligned with the student:
+        ``teacher_hidden[b, t]`` and ``student_hidden[b, t]`` both predict ``targets[b, t]``.
+      student_hidden: ``[B, T, D]`` student final hidden states.
+      head: ``[D, V]`` or ``[V, D]`` (see ``head_layout``) shared LM head.
+      targets: ``[B, T]`` sampled tokens ``o_t``.
+      divergence: ``"kl"`` KL(teacher || student) over the full vocabulary (HSD Eq. 13);
+        ``"reverse_kl"`` KL(student || teacher); ``"jsd"`` generalised JSD with ``alpha``
+        (``alpha=0`` -> KL(teacher || student), ``alpha=1`` -> KL(student || teacher), ``0.5``
+        symmetric); ``"sampled"`` the one-sample estimator at ``o_t``: its value is
+        ``delta = log pS(o_t) - log pT(o_t)`` (an unbiased estimate of KL(student || teacher)
+        for ``o_t ~ student``) and its gradient is ``sg(delta) * grad log pS(o_t)``, i.e. the
+        gradient of trl's ``sg(log pS - log pT) * log pS``.
+      alpha: JSD coefficient in ``[0, 1]``.
+      top_k: if set, the divergence is taken over the ``top_k`` tokens of the
+        ``top_k_support`` side (``"student"``, SDPO's choice, or ``"teacher"``) plus one tail
+        bucket holding the remaining probability mass of each distribution.
+      temperature, chunk_size, head_layout: as in ``token_logprobs``.
+    Returns:
+      ``DistillOutput`` of ``[B, T]`` arrays.
+    """
+    _check_divergence(divergence, alpha, top_k)
+    if top_k_support not in ("student", "teacher"):
+        raise ValueError(f"top_k_support={top_k_support!r}: use 'student' or 'teacher'")
+
+    def chunk(w, th, sh, tgt):
+        t_logits = sg(_logits(th, w, head_layout, temperature))
+        s_logits = _logits(sh, w, head_layout, temperature)
+        t_logp, s_logp = jax.nn.log_softmax(t_logits), jax.nn.log_softmax(s_logits)
+        t_tok, s_tok = _take(t_logp, tgt), _take(s_logp, tgt)
+        if divergence == "sampled":
+            delta = sg(s_tok - t_tok)
+            div = delta + delta * (s_tok - sg(s_tok))
+        elif top_k is None:
+            div = _full_divergence(t_logp, s_logp, divergence, alpha)
+        else:
+            support = t_logits if top_k_support == "teacher" else sg(s_logits)
+            _, idx = jax.lax.top_k(support, top_k)
+            topk = lambda lp: _with_tail(jnp.take_along_axis(lp, idx, axis=-1))
+            div = _full_divergence(topk(t_logp), topk(s_logp), divergence, alpha)
+        return DistillOutput(div, sg(t_tok - s_tok), s_tok, sg(_entropy(s_logp)))
+
+    return _chunked(chunk, head, (sg(teacher_hidden), student_hidden, targets), chunk_size)
+
+
+def _check_divergence(divergence: str, alpha: float, top_k: int | None) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r} is unknown: use one of {DIVERGENCES}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} must lie in [0, 1]")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1, or None for the full vocabulary")
+    if top_k is not None and divergence == "sampled":
+        raise ValueError("top_k applies to full-distribution divergences; set top_k=None "
+                         "with divergence='sampled'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantages and reward shaping
+# ----------------------------------------------------------------------------------------------
+
+
+def _grouped(rewards: Array, group_size: int | None) -> Array:
+    """``[num_groups, G]`` view of rewards given as ``[num_groups, G]`` or flat + ``group_size``."""
+    if rewards.ndim == 2 and group_size in (None, rewards.shape[1]):
+        return rewards
+    if rewards.ndim == 1 and group_size and rewards.shape[0] % group_size == 0:
+        return rewards.reshape(-1, group_size)
+    raise ValueError(f"rewards of shape {rewards.shape} with group_size={group_size}: pass "
+                     "[num_groups, G], or a flat [num_groups * G] array with group_size=G")
+
+
+def group_advantages(
+    rewards: Array, *, group_size: int | None = None, normalize_std: bool = True, eps: float = 1e-6
+) -> Array:
+    """GRPO advantages ``(r - mean_g) / (std_g + eps)``, or ``r - mean_g`` (Dr. GRPO).
+
+    ``std_g`` is the unbiased (ddof=1) group standard deviation, as in trl and verl.
+    Args:
+      rewards: ``[num_groups, G]``, or flat ``[num_groups * G]`` (group-major) with ``group_size``.
+    Returns:
+      advantages of the same shape as ``rewards``; they sum to zero within each group.
+    """
+    r = _grouped(rewards, group_size)
+    if r.shape[1] < 2:
+        raise ValueError(f"group size {r.shape[1]} < 2: group advantages need G >= 2 rollouts")
+    adv = r - r.mean(axis=1, keepdims=True)
+    if normalize_std:
+        adv = adv / (r.std(axis=1, ddof=1, keepdims=True) + eps)
+    return adv.reshape(rewards.shape)
+
+
+def nondegenerate_mask(rewards: Array, *, group_size: int | None = None) -> Array:
+    """DAPO dynamic sampling: ``True`` for rollouts whose group rewards are not all equal.
+
+    Groups whose rewards are all 0 or all 1 carry no group-relative signal; mask them out.
+    ``rewards`` as in ``group_advantages``; returns a bool array of the same shape.
+    """
+    r = _grouped(rewards, group_size)
+    keep = jnp.any(r != r[:, :1], axis=1, keepdims=True)
+    return jnp.broadcast_to(keep, r.shape).reshape(rewards.shape)
+
+
+def overlong_penalty(lengths: Array, *, max_length: int, buffer: int) -> Array:
+    """DAPO soft overlong punishment, added to the reward.
+
+    ``0`` for ``L <= max_length - buffer``, ``(max_length - buffer - L) / buffer`` inside the
+    buffer, ``-1`` beyond ``max_length``. ``lengths [B]`` -> ``[B]`` float32.
+    """
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong buffer={buffer} must lie in (0, max_length={max_length}]")
+    excess = lengths.astype(jnp.float32) - (max_length - buffer)
+    return -jnp.clip(excess / buffer, 0.0, 1.0)
+
+
+def rlsd_token_advantages(
+    advantages: Array, credit: Array, *, lam: float, clip_low: float = 0.8, clip_high: float = 1.2
+) -> Array:
+    """RLSD token advantages ``A_t = A * ((1 - lam) + lam * w_t)``, no gradient.
+
+    ``w_t = clip(exp(sign(A) * delta_t), clip_low, clip_high)`` with
+    ``delta_t = sg(log pT - log pS)`` (the ``credit`` of ``distill_divergence``).
+    ``advantages [B]`` (or ``[B, T]``), ``credit [B, T]`` -> ``[B, T]``.
+    """
+    adv = advantages if advantages.ndim == 2 else advantages[:, None]
+    w = jnp.clip(jnp.exp(jnp.sign(adv) * sg(credit)), clip_low, clip_high)
+    return sg(adv * ((1.0 - lam) + lam * w))
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy gradient, reference KL, aggregation
+# ----------------------------------------------------------------------------------------------
+
+
+def policy_loss(
+    logprobs: Array,
+    old_logprobs: Array,
+    advantages: Array,
+    mask: Array,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+    ratio_level: str = "token",
+) -> tuple[Array, dict[str, Array]]:
+    """PPO-clipped policy-gradient loss per token (to be aggregated with ``aggregate``).
+
+    ``loss = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))``; with ``dual_clip = c > 1`` it is
+    further capped at ``-A c`` where ``A < 0``. ``ratio_level="token"``: ``r_t = exp(logp_t -
+    old_t)``. ``"sequence"`` (GSPO): ``r = exp(mean_t(logp - old))`` over the masked tokens of the
+    row, applied to every token with gradient ``r * grad logp_t`` (GSPO-token form).
+
+    Args:
+      logprobs, old_logprobs: ``[B, T]`` current (differentiable) and sampler log-probabilities.
+      advantages: ``[B]`` (per sequence) or ``[B, T]`` (per token).
+      mask: ``[B, T]`` response mask (only used for the sequence-level ratio).
+    Returns:
+      ``(loss [B, T], {"ratio", "clipped", "dual_clipped"} each [B, T])``; ``clipped`` marks
+      tokens whose clipped branch is active (zero gradient), ``dual_clipped`` those capped by the
+      dual clip.
+    """
+    log_ratio = logprobs - old_logprobs
+    if ratio_level == "sequence":
+        mask = mask.astype(jnp.float32)
+        tokens = jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
+        seq = jnp.sum(log_ratio * mask, -1, keepdims=True) / tokens
+        log_ratio = sg(seq) + logprobs - sg(logprobs)
+    elif ratio_level != "token":
+        raise ValueError(f"ratio_level={ratio_level!r}: use one of {RATIO_LEVELS}")
+    ratio = jnp.exp(jnp.clip(log_ratio, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+    adv = sg(advantages if advantages.ndim == 2 else advantages[:, None])
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = jnp.maximum(unclipped, clipped)
+    info = {"ratio": sg(ratio), "clipped": clipped > unclipped}
+    if dual_clip is None:
+        info["dual_clipped"] = jnp.zeros_like(info["clipped"])
+        return loss, info
+    capped = (adv < 0) & (loss > -adv * dual_clip)
+    info["dual_clipped"] = capped
+    return jnp.where(capped, -adv * dual_clip, loss), info
+
+
+def ref_kl(logprobs: Array, ref_logprobs: Array, kind: str = "k3") -> Array:
+    """Per-token estimate of KL(pi || pi_ref) at the sampled tokens, ``[B, T]`` -> ``[B, T]``.
+
+    With ``d = ref_logprobs - logprobs``: ``k1 = -d``, ``k2 = d^2 / 2``,
+    ``k3 = exp(d) - d - 1`` (low variance; ``d`` clamped to +-20, result clamped to <= 10).
+    """
+    d = ref_logprobs - logprobs
+    if kind == "k1":
+        return -d
+    if kind == "k2":
+        return 0.5 * d**2
+    if kind == "k3":
+        d = jnp.clip(d, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        return jnp.minimum(jnp.exp(d) - d - 1.0, _K3_MAX)
+    raise ValueError(f"ref_kl kind={kind!r}: use one of {REF_KLS}")
+
+
+def aggregate(
+    values: Array, mask: Array, mode: str, *, norm_length: int | None = None
+) -> tuple[Array, Array]:
+    """Masked aggregation of per-token ``values [B, T]`` as ``(numerator, denominator)`` scalars.
+
+    The loss is ``numerator / denominator``; summing numerators and denominators over micro-batches
+    (split along B) gives exactly the full-batch value. Rows with an all-zero mask count nowhere.
+      ``token-mean``: ``sum(m v) / sum(m)`` (DAPO).
+      ``seq-mean-token-mean``: mean over non-empty rows of the row's token mean (GRPO, HSD Eq. 10).
+      ``seq-mean-token-sum-norm``: mean over non-empty rows of ``sum_t(m v) / norm_length``
+      (Dr. GRPO; ``norm_length`` a constant such as the max response length, default ``T``).
+    """
+    mask = mask.astype(jnp.float32)
+    row_tokens = mask.sum(-1)
+    rows = jnp.sum(row_tokens > 0).astype(jnp.float32)
+    row_sums = jnp.sum(values * mask, -1)
+    if mode == "token-mean":
+        return row_sums.sum(), row_tokens.sum()
+    if mode == "seq-mean-token-mean":
+        return jnp.sum(row_sums / jnp.maximum(row_tokens, 1.0)), rows
+    if mode == "seq-mean-token-sum-norm":
+        return row_sums.sum() / (norm_length or values.shape[-1]), rows
+    raise ValueError(f"aggregation mode={mode!r}: use one of {AGGREGATIONS}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The composed objective
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """``loss = w_pg * PG + w_sd * distillation + beta * ref_KL``; defaults are ``preset("hsd")``.
+
+    Fields: term weights (``w_pg``, ``w_sd``, ``beta``, ``ref_kl`` estimator); ``agg`` the
+    aggregation of every term; ``max_response_length`` the Dr. GRPO normaliser and DAPO's overlong
+    limit; advantages (``normalize_std``, ``adv_eps``, ``drop_degenerate_groups`` (DAPO dynamic
+    sampling), ``overlong_buffer`` (DAPO; 0 = off)); PPO (``eps_low``, ``eps_high``, ``dual_clip``,
+    ``ratio_level`` ("sequence" = GSPO), ``rlsd_lambda`` (> 0 = RLSD token weights)); distillation
+    (``divergence``, ``alpha``, ``top_k``, ``temperature``, ``chunk_size``; see
+    ``distill_divergence``).
+    """
+
+    w_pg: float = 0.0
+    w_sd: float = 1.0
+    beta: float = 1e-3
+    ref_kl: str = "k3"
+    agg: str = "seq-mean-token-mean"
+    max_response_length: int = 4096
+    normalize_std: bool = True
+    adv_eps: float = 1e-6
+    drop_degenerate_groups: bool = False
+    overlong_buffer: int = 0
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    ratio_level: str = "token"
+    rlsd_lambda: float = 0.0
+    divergence: str = "kl"
+    alpha: float = 0.5
+    top_k: int | None = None
+    temperature: float = 1.0
+    chunk_size: int = 256
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(f"LossConfig: {msg}")
+
+        choices_of = {"ref_kl": REF_KLS, "agg": AGGREGATIONS, "ratio_level": RATIO_LEVELS}
+        for name, choices in choices_of.items():
+            value = getattr(self, name)
+            need(value in choices, f"{name}={value!r} is unknown; set {name} to one of {choices}")
+        for name in ("w_pg", "w_sd", "beta", "adv_eps", "overlong_buffer"):
+            need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
+        need(self.w_pg + self.w_sd > 0, "w_pg and w_sd are both 0; set w_pg > 0 (policy "
+             "gradient) and/or w_sd > 0 (distillation)")
+        need(0 < self.eps_low < 1, f"eps_low={self.eps_low} must lie in (0, 1)")
+        need(self.eps_high > 0, f"eps_high={self.eps_high} must be > 0")
+        need(self.dual_clip is None or self.dual_clip > 1,
+             f"dual_clip={self.dual_clip} must be > 1, or None to disable it")
+        need(0 <= self.rlsd_lambda <= 1, f"rlsd_lambda={self.rlsd_lambda} must lie in [0, 1]")
+        need(self.rlsd_lambda == 0 or self.w_pg > 0, "rlsd_lambda > 0 reweights the policy "
+             "gradient, which has w_pg=0; set w_pg > 0 or rlsd_lambda=0")
+        need(self.max_response_length > 0, "max_response_length must be > 0")
+        need(self.overlong_buffer <= self.max_response_length,
+             f"overlong_buffer={self.overlong_buffer} exceeds max_response_length="
+             f"{self.max_response_length}; lower overlong_buffer")
+        need(self.temperature > 0, f"temperature={self.temperature} must be > 0")
+        need(self.chunk_size >= 1, f"chunk_size={self.chunk_size} must be >= 1")
+        try:
+            _check_divergence(self.divergence, self.alpha, self.top_k)
+        except ValueError as e:
+            raise ValueError(f"LossConfig: {e}") from None
+
+
+_PRESETS: dict[str, dict] = {
+    # Eq. 10/13: full-vocab KL(teacher || student) over all G rollouts, k3 reference KL, no PG.
+    "hsd": {},
+    # trl's OPSD default: generalised JSD at alpha=0, i.e. KL(teacher || student). OPSD differs
+    # from HSD in the teacher context (reference answer only), built in hindsight.py.
+    "opsd": dict(divergence="jsd", alpha=0.0),
+    # trl's SDPO defaults: JSD alpha=0.5 on the student's top-100 tokens plus a tail bucket; rows
+    # without a successful peer are masked via LossInputs.distill_mask.
+    "sdpo": dict(divergence="jsd", alpha=0.5, top_k=100),
+    "grpo": dict(w_pg=1.0, w_sd=0.0),
+    "dr_grpo": dict(w_pg=1.0, w_sd=0.0, normalize_std=False, agg="seq-mean-token-sum-norm"),
+    # DAPO's overlong buffer for a 4096 response limit is our choice (DAPO: 4096 of 20480).
+    "dapo": dict(w_pg=1.0, w_sd=0.0, eps_high=0.28, agg="token-mean",
+                 drop_degenerate_groups=True, overlong_buffer=1024),
+    "gspo": dict(w_pg=1.0, w_sd=0.0, ratio_level="sequence", eps_low=3e-4, eps_high=4e-4),
+    "rlsd": dict(w_pg=1.0, w_sd=0.0, rlsd_lambda=0.5),
+    "grpo_opsd": dict(w_pg=0.5, w_sd=0.5, divergence="jsd", alpha=0.0),
+}
+PRESETS = tuple(_PRESETS)
+
+
+def preset(name: str, **overrides) -> LossConfig:
+    """The paper's settings for ``name`` in ``PRESETS``, with optional field overrides."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown loss preset {name!r}; use one of {PRESETS}")
+    return LossConfig(**{**_PRESETS[name], **overrides})
+
+
+def rollout_advantages(
+    rewards: Array, lengths: Array, cfg: LossConfig, *, group_size: int | None = None
+) -> tuple[Array, Array]:
+    """Advantages and row keep-mask from verifier rewards, following ``cfg``.
+
+    Applies DAPO overlong shaping (``cfg.overlong_buffer > 0``), group advantages, and DAPO's
+    degenerate-group mask on the unshaped rewards (``cfg.drop_degenerate_groups``; else all True).
+    ``rewards``, ``lengths``: ``[num_groups, G]`` or flat ``[B]`` with ``group_size``.
+    Returns ``(advantages, keep)`` shaped like ``rewards``; fold ``keep`` into the response mask.
+    """
+    shaped = rewards.astype(jnp.float32)
+    if cfg.overlong_buffer:
+        shaped = shaped + overlong_penalty(lengths, max_length=cfg.max_response_length,
+                                           buffer=cfg.overlong_buffer)
+    adv = group_advantages(shaped, group_size=group_size, normalize_std=cfg.normalize_std,
+                           eps=cfg.adv_eps)
+    if cfg.drop_degenerate_groups:
+        return adv, nondegenerate_mask(rewards, group_size=group_size)
+    return adv, jnp.ones(rewards.shape, bool)
+
+
+class LossInputs(NamedTuple):
+    """Arrays for ``objective``; ``[B, T]`` unless noted. Optional fields may be None when the
+    config does not use them."""
+
+    logprobs: Array  # student log pS(o_t), differentiable
+    mask: Array  # response mask (fold DAPO's keep mask in here)
+    old_logprobs: Array | None = None  # sampler log-probs (needed when w_pg > 0)
+    ref_logprobs: Array | None = None  # reference-model log-probs (needed when beta > 0)
+    advantages: Array | None = None  # [B] or [B, T] (needed when w_pg > 0)
+    divergence: Array | None = None  # per-position divergence (needed when w_sd > 0)
+    distill_mask: Array | None = None  # [B] rows with a teacher signal (SDPO); default all
+    credit: Array | None = None  # log pT - log pS (needed when rlsd_lambda > 0; metrics)
+    entropy: Array | None = None  # student entropy (metrics)
+
+
+def _require(inputs: LossInputs, field: str, why: str) -> Array:
+    value = getattr(inputs, field)
+    if value is None:
+        raise ValueError(f"LossInputs.{field} is None but {why}; pass {field}")
+    return value
+
+
+def _distill_token_mask(inputs: LossInputs) -> Array:
+    mask = inputs.mask.astype(jnp.float32)
+    if inputs.distill_mask is None:
+        return mask
+    return mask * inputs.distill_mask.astype(jnp.float32)[:, None]
+
+
+def loss_denominators(inputs: LossInputs, cfg: LossConfig) -> dict[str, Array]:
+    """Aggregation denominators ``{"main", "distill"}`` of a (full) batch, for ``objective``."""
+    zeros = jnp.zeros(inputs.mask.shape, jnp.float32)
+    norm = cfg.max_response_length
+    return {"main": aggregate(zeros, inputs.mask, cfg.agg, norm_length=norm)[1],
+            "distill": aggregate(zeros, _distill_token_mask(inputs), cfg.agg, norm_length=norm)[1]}
+
+
+def objective(
+    inputs: LossInputs, cfg: LossConfig, *, denominators: dict[str, Array] | None = None
+) -> tuple[Array, dict[str, Array]]:
+    """``w_pg * PG + w_sd * distillation + beta * ref_KL`` and metrics.
+
+    PG and the reference KL are aggregated over ``mask``, distillation over
+    ``mask * distill_mask``, all with ``cfg.agg``. ``denominators`` (from ``loss_denominators``
+    on the whole batch) make micro-batch losses sum to the full-batch loss; by default the
+    batch's own.
+    Returns ``(loss, metrics)``; ``metrics`` holds the weighted-term values ``pg_loss``,
+    ``distill_loss``, ``ref_kl`` (additive over micro-batches like the loss) and masked token means
+    ``clip_frac``, ``dual_clip_frac``, ``ratio``, ``kl`` (k3), ``divergence``, ``entropy``,
+    ``credit``, ``abs_credit`` of the micro-batch (where the inputs are present).
+    """
+    dens = denominators if denominators is not None else loss_denominators(inputs, cfg)
+    mask = inputs.mask.astype(jnp.float32)
+
+    def token_mean(values, m=mask):
+        return jnp.sum(values * m) / jnp.maximum(m.sum(), 1.0)
+
+    def term(values, m, den):
+        num = aggregate(values, m, cfg.agg, norm_length=cfg.max_response_length)[0]
+        return num / jnp.maximum(den, 1.0)
+    zero = jnp.zeros((), jnp.float32)
+    metrics: dict[str, Array] = {"pg_loss": zero, "distill_loss": zero, "ref_kl": zero}
+
+    if cfg.w_pg > 0:
+        adv = _require(inputs, "advantages", "w_pg > 0")
+        old = _require(inputs, "old_logprobs", "w_pg > 0")
+        if cfg.rlsd_lambda > 0:
+            credit = _require(inputs, "credit", "rlsd_lambda > 0")
+            adv = rlsd_token_advantages(adv, credit, lam=cfg.rlsd_lambda)
+        pg, info = policy_loss(inputs.logprobs, old, adv, mask, eps_low=cfg.eps_low,
+                               eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
+                               ratio_level=cfg.ratio_level)
+        metrics["pg_loss"] = term(pg, mask, dens["main"])
+        metrics.update(clip_frac=token_mean(info["clipped"]), ratio=token_mean(info["ratio"]),
+                       dual_clip_frac=token_mean(info["dual_clipped"]))
+    if cfg.w_sd > 0:
+        div = _require(inputs, "divergence", "w_sd > 0")
+        sd_mask = _distill_token_mask(inputs)
+        metrics["distill_loss"] = term(div, sd_mask, dens["distill"])
+        metrics["divergence"] = sg(token_mean(div, sd_mask))
+    if cfg.beta > 0:
+        ref = _require(inputs, "ref_logprobs", "beta > 0")
+        kl = ref_kl(inputs.logprobs, ref, cfg.ref_kl)
+        metrics["ref_kl"] = term(kl, mask, dens["main"])
+        metrics["kl"] = sg(token_mean(kl))
+    if inputs.entropy is not None:
+        metrics["entropy"] = token_mean(inputs.entropy)
+    if inputs.credit is not None:
+        metrics["credit"] = token_mean(inputs.credit)
+        metrics["abs_credit"] = token_mean(jnp.abs(inputs.credit))
+
+    loss = (cfg.w_pg * metrics["pg_loss"] + cfg.w_sd * metrics["distill_loss"]
+            + cfg.beta * metrics["ref_kl"])
+    metrics = {k: sg(v) for k, v in metrics.items()}
+    metrics["loss"] = sg(loss)
+    return loss, metrics

@@ -1,0 +1,517 @@
+"""The training loop: sample -> score -> build teacher batch -> update -> log / checkpoint.
+
+This is the only module that wires the pieces together (DESIGN.md, "Data flow"):
+
+    prompts (grain) --sampling.generate--> G rollouts per question (tokens, logprobs, lengths)
+      --rewards.Scorer--> R in {0,1} --hindsight.build_teacher_batch--> [q ; c_i ; o_i]
+      --update_step (ONE jit)--> teacher pass (stop-grad) + student pass (grad) + reference pass
+                                 + fused chunked loss + optax update
+      --> metrics (reward, coverage, credit at divergence, KL, entropy, tokens/s) --> Orbax
+
+`update_step` is pure over a `TrainState` pytree and accumulates gradients over micro-batches
+with `lax.scan`; every loss term is normalised by whole-batch denominators
+(`losses.loss_denominators`), so the result equals one big batch. A run resumes from the latest
+checkpoint in its workdir: params, optimizer state, step and the data iterator's position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from hsd_jax import data, evaluate, hindsight, losses, rewards, sampling, sharding
+from hsd_jax.checkpoint import Checkpointer, restore_params, save_params
+from models import hf, qwen3
+
+logger = logging.getLogger(__name__)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything an update changes: step [] int32, params (nnx.State), optimizer state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------
+
+
+def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
+    """The `LossConfig` of `config.loss` (every field sweepable from the command line)."""
+    fields = config.loss.to_dict()
+    fields.pop("name")
+    return losses.LossConfig(**fields)
+
+
+def validate(config: ml_collections.ConfigDict, loss_cfg: losses.LossConfig) -> None:
+    """Checks the config before anything loads or compiles; errors name the field and the fix."""
+    c = config
+    if not c.model.path and not c.model.preset and not c.model.arch:
+        raise ValueError("config.model: set model.path (a local HF Qwen3 directory), model.preset or model.arch.")
+    if c.model.path and not os.path.isdir(c.model.path):
+        raise FileNotFoundError(f"config.model.path={c.model.path!r} is not a directory; point it at a local HF checkpoint.")
+    if c.data.kind != "toy" and not c.data.train_files:
+        raise ValueError(f"config.data.train_files is empty for data.kind={c.data.kind!r}; give JSONL/Parquet files.")
+    if c.hindsight.context not in hindsight.CONTEXT_MODES:
+        raise ValueError(f"config.hindsight.context={c.hindsight.context!r}: use one of {hindsight.CONTEXT_MODES}.")
+    if (loss_cfg.w_sd > 0 or loss_cfg.rlsd_lambda > 0) and c.hindsight.context == "none":
+        raise ValueError(
+            f"config.loss.name={c.loss.name!r} needs a teacher but hindsight.context='none'; "
+            "set hindsight.context (e.g. 'peer_answer' for HSD, 'answer' for OPSD)."
+        )
+    rollouts = c.data.questions_per_step * c.sampling.group_size
+    if rollouts % c.train.micro_batch:
+        raise ValueError(
+            f"config.train.micro_batch={c.train.micro_batch} must divide the {rollouts} rollouts of a step "
+            f"(data.questions_per_step x sampling.group_size)."
+        )
+    if c.sampling.group_size < 2:
+        raise ValueError("config.sampling.group_size must be >= 2: peers and group advantages need a group.")
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping (PAPER.md: b1 0.9, b2 0.95, eps 1e-8, wd 0, lr 1e-6)."""
+    o = config.optimizer
+    return optax.chain(
+        optax.clip_by_global_norm(o.max_grad_norm),
+        optax.adamw(o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Model and tokenizer
+# ------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
+    """The run's tokenizer: config.tokenizer_path, else model.path, else the toy tokenizer."""
+    path = config.tokenizer_path or config.model.path
+    if not path:
+        if config.data.kind != "toy":
+            raise ValueError("config.tokenizer_path is empty and there is no model.path to take it from.")
+        path = data.build_toy_tokenizer(os.path.join(workdir, "tokenizer"))
+    return hf.load_tokenizer(path)
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer) -> qwen3.Qwen3Config:
+    """Architecture + dtypes: from the checkpoint, the preset, or `model.arch` (random init)."""
+    m = config.model
+    options = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    if m.path:
+        return qwen3.Qwen3Config.from_hf(m.path, **options)
+    if m.preset:
+        return qwen3.Qwen3Config.preset(m.preset, **options)
+    vocab = -(-len(tokenizer) // 128) * 128
+    return qwen3.Qwen3Config(vocab_size=vocab, **m.arch.to_dict(), **options)
+
+
+def initial_params(config: ml_collections.ConfigDict, model_cfg: qwen3.Qwen3Config, mesh) -> tuple[Any, Any]:
+    """(graphdef, params) of the initial policy pi_0, created directly in their shardings."""
+    if config.model.path:
+        graphdef, params = nnx.split(hf.load_model(config.model.path, mesh=mesh, **_dtypes(model_cfg)))
+        return graphdef, params
+    graphdef, abstract = nnx.split(qwen3.abstract_model(model_cfg))
+    init = lambda: nnx.split(qwen3.Qwen3(model_cfg, rngs=nnx.Rngs(config.seed)))[1]
+    return graphdef, jax.jit(init, out_shardings=sharding.state_shardings(abstract, mesh))()
+
+
+def _dtypes(model_cfg: qwen3.Qwen3Config) -> dict:
+    return dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat)
+
+
+# ------------------------------------------------------------------------------------------------
+# The jitted update
+# ------------------------------------------------------------------------------------------------
+
+
+def response_hidden(graphdef, params, rows: dict[str, jax.Array]) -> jax.Array:
+    """Final hidden states at the response positions: [B, T_resp, D].
+
+    rows: tokens, positions, segment_ids [B, T] and gather_index [B, T_resp] of a student or
+    teacher batch (see `hindsight.StudentBatch`).
+    """
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model(rows["tokens"], rows["positions"], rows["segment_ids"])
+    return hindsight.gather_positions(hidden, rows["gather_index"])
+
+
+def _head(graphdef, params) -> jax.Array:
+    return nnx.merge(graphdef, params).head()
+
+
+def micro_batch_loss(params, ref_params, batch, denominators, graphdef, cfg: losses.LossConfig):
+    """HSD / GRPO-family loss of one micro-batch and its metrics.
+
+    batch: "student" and "teacher" row dicts, "response_tokens", "response_mask" [b, T_resp],
+    "distill_mask" [b], "advantages" [b], "sampler_logprobs" [b, T_resp].
+    Returns (loss, (metrics, credit [b, T_resp])).
+    """
+    targets, mask = batch["response_tokens"], batch["response_mask"]
+    student = response_hidden(graphdef, params, batch["student"])
+    head = _head(graphdef, params)
+    chunked = dict(temperature=cfg.temperature, chunk_size=cfg.chunk_size)
+    if cfg.w_sd > 0 or cfg.rlsd_lambda > 0:
+        teacher = response_hidden(graphdef, jax.lax.stop_gradient(params), batch["teacher"])
+        out = losses.distill_divergence(
+            teacher, student, head, targets, divergence=cfg.divergence, alpha=cfg.alpha, top_k=cfg.top_k, **chunked
+        )
+        logprobs, entropy, divergence, credit = out.logprobs, out.entropy, out.divergence, out.credit
+    else:
+        logprobs, entropy = losses.token_logprobs(student, head, targets, **chunked)
+        divergence = credit = None
+    ref_logprobs = None
+    if cfg.beta > 0:
+        ref = response_hidden(graphdef, ref_params, batch["student"])
+        ref_logprobs, _ = losses.token_logprobs(ref, _head(graphdef, ref_params), targets, **chunked)
+        ref_logprobs = jax.lax.stop_gradient(ref_logprobs)
+    inputs = losses.LossInputs(
+        logprobs=logprobs,
+        mask=mask,
+        # One optimizer step per batch: the sampling policy is the current one, so the PPO ratio
+        # is exactly 1 at the update (its gradient is A * grad log p), as in on-policy GRPO.
+        old_logprobs=jax.lax.stop_gradient(logprobs),
+        ref_logprobs=ref_logprobs,
+        advantages=batch["advantages"],
+        divergence=divergence,
+        distill_mask=batch["distill_mask"],
+        credit=credit,
+        entropy=entropy,
+    )
+    loss, metrics = losses.objective(inputs, cfg, denominators=denominators)
+    gap = jnp.abs(batch["sampler_logprobs"] - jax.lax.stop_gradient(logprobs)) * mask
+    metrics["sampler_logprob_gap"] = gap.sum() / jnp.maximum(mask.sum(), 1.0)
+    return loss, (metrics, jnp.zeros_like(logprobs) if credit is None else credit)
+
+
+ADDITIVE_METRICS = ("loss", "pg_loss", "distill_loss", "ref_kl")
+
+
+def update_step(state: TrainState, ref_params, batch, *, graphdef, optimizer, cfg: losses.LossConfig, micro_batches: int):
+    """One optimizer step over a whole batch of B rollouts, accumulated over `micro_batches`.
+
+    Returns (new state, metrics, per-token credit [B, T_resp]).
+    """
+    full = losses.LossInputs(logprobs=batch["response_mask"], mask=batch["response_mask"], distill_mask=batch["distill_mask"])
+    denominators = losses.loss_denominators(full, cfg)
+    split = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
+    grad_fn = jax.grad(micro_batch_loss, has_aux=True)
+
+    def accumulate(grads, micro):
+        g, (metrics, credit) = grad_fn(state.params, ref_params, micro, denominators, graphdef, cfg)
+        return jax.tree.map(jnp.add, grads, g), (metrics, credit)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (metrics, credit) = jax.lax.scan(accumulate, zeros, split)
+    metrics = {k: v.sum() if k in ADDITIVE_METRICS else v.mean() for k, v in metrics.items()}
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics, credit.reshape(-1, credit.shape[-1])
+
+
+def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step 0 with fresh optimizer state; jit it so every leaf lands on the params' devices."""
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def sft_step(state: TrainState, batch, *, graphdef, optimizer, chunk_size: int):
+    """One supervised step: mean negative log-likelihood of the response tokens."""
+
+    def nll(params):
+        hidden = response_hidden(graphdef, params, batch["student"])
+        logprobs, _ = losses.token_logprobs(hidden, _head(graphdef, params), batch["response_tokens"], chunk_size=chunk_size)
+        mask = batch["response_mask"]
+        return -(logprobs * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+    loss, grads = jax.value_and_grad(nll)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), loss
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side of a step
+# ------------------------------------------------------------------------------------------------
+
+
+def rows_dict(batch) -> dict[str, np.ndarray]:
+    """The model inputs of a `StudentBatch` / `TeacherBatch` as a dict."""
+    return {k: getattr(batch, k) for k in ("tokens", "positions", "segment_ids", "gather_index")}
+
+
+def pad_to(x: np.ndarray, length: int) -> np.ndarray:
+    """Right-pads (or crops) the last axis of [B, T] to `length` with zeros."""
+    out = np.zeros((x.shape[0], length), x.dtype)
+    n = min(length, x.shape[1])
+    out[:, :n] = x[:, :n]
+    return out
+
+
+class Run:
+    """One training run: the model, data, sampler, verifier and checkpoints of `config`."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = c = config
+        self.loss_cfg = loss_config(c)
+        validate(c, self.loss_cfg)
+        self.workdir = os.path.abspath(c.workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.mesh = sharding.make_mesh(tuple(c.mesh.shape))
+        self.tokenizer = load_tokenizer(c, self.workdir)
+        self.template = hindsight.encode_template(self.tokenizer, self.teacher_template())
+        self.model_cfg = model_config(c, self.tokenizer)
+        self.graphdef, params = initial_params(c, self.model_cfg, self.mesh)
+        self.ref_params = jax.tree.map(jnp.copy, params) if self.loss_cfg.beta > 0 else None
+        self.optimizer = make_optimizer(c)
+        self.state = jax.jit(init_state, static_argnums=1)(params, self.optimizer)
+        self.sampling_cfg = self.make_sampling_config()
+        self.data_kind = "math" if c.data.kind == "toy" else c.data.kind
+        self.train_files, self.eval_files = self.data_files()
+        self.dataset, stats = data.prompt_dataset(
+            self.train_files, self.data_kind, self.tokenizer,
+            batch_size=c.data.questions_per_step // jax.process_count(), max_prompt_len=c.data.max_prompt_len,
+            seed=c.seed, template=c.data.template, enable_thinking=c.data.enable_thinking,
+        )
+        print(f"data: {stats.summary()}", flush=True)
+        self.data_iter = iter(self.dataset)
+        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), c.train.max_to_keep)
+        self.warmup_path = os.path.join(self.workdir, "warmup_policy")
+        self.metrics_file = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+        jit_options = dict(graphdef=self.graphdef, optimizer=self.optimizer, cfg=self.loss_cfg,
+                           micro_batches=c.data.questions_per_step * c.sampling.group_size // c.train.micro_batch)
+        self.update = jax.jit(partial(update_step, **jit_options), donate_argnums=0)
+        self.rng = np.random.default_rng(c.seed)
+        self.key = jax.random.key(c.seed)
+
+    # -- setup helpers -------------------------------------------------------------------------
+
+    def teacher_template(self) -> hindsight.TeacherTemplate:
+        """Qwen3's chat turns; with thinking off the assistant turn opens with an empty think block."""
+        template = hindsight.TeacherTemplate()
+        if not self.config.data.enable_thinking:
+            template = dataclasses.replace(template, assistant_open=template.assistant_open + "<think>\n\n</think>\n\n")
+        return template
+
+    def make_sampling_config(self) -> sampling.SamplingConfig:
+        s = self.config.sampling
+        eos = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        eos = tuple(sorted({i for i in eos if i is not None and i != self.tokenizer.unk_token_id} | {self.tokenizer.eos_token_id}))
+        return sampling.SamplingConfig(
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
+            eos_ids=eos, n=s.group_size, cache_dtype=s.cache_dtype, pad_id=self.tokenizer.pad_token_id or 0,
+        )
+
+    def data_files(self) -> tuple[list[str], list[str]]:
+        """Train and eval files; the toy task writes its own into the workdir."""
+        d = self.config.data
+        if d.kind == "toy":
+            train = data.write_toy_dataset(os.path.join(self.workdir, "toy_train.jsonl"), d.toy_examples, self.config.seed)
+            evals = data.write_toy_dataset(os.path.join(self.workdir, "toy_eval.jsonl"), 64, self.config.seed + 1)
+            return [train], [evals]
+        split = lambda files: [f for f in files.split(",") if f]
+        return split(d.train_files), split(d.eval_files)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def question_tokens(self, examples) -> list[np.ndarray]:
+        """The user-turn content of each example (question + instruction), encoded."""
+        contents = [data.user_content(ex["question"], self.data_kind) for ex in examples]
+        return hindsight.encode_texts(self.tokenizer, contents)
+
+    def sample(self, questions: list[np.ndarray], n: int | None = None) -> sampling.Rollouts:
+        prompts = [hindsight.student_prompt(self.template, q) for q in questions]
+        self.key, key = jax.random.split(self.key)
+        cfg = self.sampling_cfg if n is None else dataclasses.replace(self.sampling_cfg, n=n)
+        return sampling.generate(self.graphdef, self.state.params, prompts, key, cfg, mesh=self.mesh)
+
+    def responses(self, rollouts) -> list[np.ndarray]:
+        tokens, lengths = np.asarray(rollouts.tokens), np.asarray(rollouts.lengths)
+        return [tokens[b, : lengths[b]] for b in range(len(lengths))]
+
+    def score(self, scorer, examples, rollouts) -> tuple[np.ndarray, list[str]]:
+        texts = self.tokenizer.batch_decode(self.responses(rollouts), skip_special_tokens=True)
+        return scorer(examples, texts, truncated=np.asarray(rollouts.truncated))
+
+    def build_batch(self, examples, questions, rollouts, rewards_):
+        """Host arrays of one step: student + teacher rows, targets, masks, advantages."""
+        c, G = self.config, self.config.sampling.group_size
+        responses = self.responses(rollouts)
+        mean_logprob = np.asarray(rollouts.logprobs).sum(1) / np.maximum(np.asarray(rollouts.lengths), 1)
+        peers = hindsight.select_peers(
+            rewards_.reshape(-1, G), rule=c.hindsight.peer_rule, rng=self.rng, mean_logprobs=mean_logprob.reshape(-1, G)
+        )
+        student = hindsight.build_student_batch(self.template, questions, responses)
+        teacher = hindsight.build_teacher_batch(
+            self.template, questions, responses, mode=c.hindsight.context,
+            answers=hindsight.encode_texts(self.tokenizer, [str(ex.get("answer", "")) for ex in examples]),
+            solutions=hindsight.encode_texts(self.tokenizer, [ex.get("solution") for ex in examples]),
+            peer_index=peers, strip_think_block=c.hindsight.strip_think, max_len=c.hindsight.max_teacher_len,
+        )
+        advantages, keep = losses.rollout_advantages(
+            jnp.asarray(rewards_).reshape(-1, G), jnp.asarray(rollouts.lengths).reshape(-1, G), self.loss_cfg
+        )
+        T_resp = student.response_tokens.shape[1]
+        batch = dict(
+            student=rows_dict(student),
+            teacher=rows_dict(teacher),
+            response_tokens=student.response_tokens,
+            response_mask=student.response_mask * np.asarray(keep).reshape(-1, 1),
+            distill_mask=teacher.distill_mask,
+            advantages=np.asarray(advantages, np.float32).reshape(-1),
+            sampler_logprobs=pad_to(np.asarray(rollouts.logprobs, np.float32), T_resp),
+        )
+        return batch, peers, teacher
+
+    def place(self, batch):
+        """Host arrays -> device arrays sharded over the batch axis of the mesh."""
+        return jax.tree.map(
+            lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim, batch_size=x.shape[0])), batch
+        )
+
+    def train_step(self, scorer) -> dict[str, float]:
+        c, G = self.config, self.config.sampling.group_size
+        times = {}
+        start = time.perf_counter()
+        examples = next(self.data_iter)
+        questions = self.question_tokens(examples)
+        rollouts = self.sample(questions)
+        jax.block_until_ready(rollouts.tokens)
+        times["sample_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        rewards_, reasons = self.score(scorer, examples, rollouts)
+        times["score_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        batch, peers, teacher = self.build_batch(examples, questions, rollouts, rewards_)
+        self.state, metrics, credit = self.update(self.state, self.ref_params, self.place(batch))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        times["update_s"] = time.perf_counter() - start
+        lengths = np.asarray(rollouts.lengths)
+        metrics.update(
+            hindsight.divergence_metrics(
+                rewards_.reshape(-1, G), self.responses(rollouts), peers, np.asarray(credit), batch["response_mask"]
+            )
+        )
+        metrics.update(
+            reward=float(rewards_.mean()),
+            response_length=float(lengths.mean()),
+            truncated=float(np.mean(rollouts.truncated)),
+            teacher_truncations=teacher.num_truncated,
+            tokens_per_s=float(lengths.sum() / sum(times.values())),
+            **times,
+        )
+        return metrics
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        step = int(self.state.step)
+        self.checkpointer.save(step, self.state, self.data_iter.get_state(), self.config.to_dict())
+
+    def resume(self) -> bool:
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return False
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+        self.state, data_state, saved = self.checkpointer.restore(step, abstract)
+        if self.ref_params is not None and os.path.isdir(self.warmup_path):
+            self.ref_params = restore_params(self.warmup_path, abstract.params)
+        self.data_iter.set_state(data_state)
+        if saved.get("loss") != self.config.to_dict().get("loss"):
+            logger.warning("resuming step %d with a different loss config than it was saved with", step)
+        self.key = jax.random.fold_in(self.key, step)
+        self.rng = np.random.default_rng([self.config.seed, step])
+        print(f"resumed from {self.checkpointer.manager.directory} at step {step}", flush=True)
+        return True
+
+    def log(self, metrics: dict[str, float]) -> None:
+        step = int(self.state.step)
+        self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.metrics_file.flush()
+        keys = ("reward", "coverage", "loss", "divergence", "kl", "entropy", "credit_mass_w8", "response_length", "tokens_per_s")
+        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+        print(f"step {step}/{self.config.train.steps} {shown}", flush=True)
+
+    def evaluate(self, scorer) -> dict[str, float]:
+        """avg@n / pass@1 on the eval files at the sampling temperature."""
+        n = self.config.train.eval_samples
+        examples = data.encode_prompts(
+            data.load_rows(self.eval_files, self.data_kind)[0], self.tokenizer, self.data_kind,
+            max_prompt_len=self.config.data.max_prompt_len, template=self.config.data.template,
+            enable_thinking=self.config.data.enable_thinking,
+        )
+        rollouts = self.sample(self.question_tokens(examples), n=n)
+        rewards_, _ = self.score(scorer, examples, rollouts)
+        return {f"eval/{k}": v for k, v in evaluate.summarize(rewards_.reshape(-1, n)).items()}
+
+    def sft_warmup(self) -> None:
+        """Supervised steps on reference solutions (the toy task's worked solutions)."""
+        c = self.config
+        optimizer = optax.adam(c.train.sft_learning_rate)
+        state = jax.jit(init_state, static_argnums=1)(self.state.params, optimizer)
+        step_fn = jax.jit(partial(sft_step, graphdef=self.graphdef, optimizer=optimizer, chunk_size=self.loss_cfg.chunk_size))
+        rows = data.load_rows(self.train_files, self.data_kind)[0]
+        eos = self.sampling_cfg.eos_ids[0]
+        start = time.perf_counter()
+        for i in range(c.train.sft_warmup_steps):
+            picked = [rows[j] for j in self.rng.integers(0, len(rows), c.data.questions_per_step * c.sampling.group_size)]
+            questions = self.question_tokens(picked)
+            solutions = [np.append(s, eos) for s in hindsight.encode_texts(self.tokenizer, [r["solution"] for r in picked])]
+            student = hindsight.build_student_batch(self.template, questions, solutions)
+            batch = dict(student=rows_dict(student), response_tokens=student.response_tokens, response_mask=student.response_mask)
+            state, loss = step_fn(state, self.place(batch))
+            if (i + 1) % 50 == 0 or i + 1 == c.train.sft_warmup_steps:
+                print(f"sft warm-up {i + 1}/{c.train.sft_warmup_steps} nll={float(loss):.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        params = state.params
+        self.state = jax.jit(init_state, static_argnums=1)(params, self.optimizer)
+        if self.ref_params is not None:  # pi_0 of the reference KL is the warmed-up policy
+            self.ref_params = jax.tree.map(jnp.copy, params)
+            save_params(self.warmup_path, params)
+
+    def train(self) -> None:
+        c = self.config
+        print(
+            f"hsd-jax: loss={c.loss.name} context={c.hindsight.context} model={self.model_cfg.num_hidden_layers} layers "
+            f"x {self.model_cfg.hidden_size} ({qwen3.count_params(self.model_cfg) / 1e6:.1f}M params) "
+            f"mesh={dict(self.mesh.shape)} workdir={self.workdir}",
+            flush=True,
+        )
+        with rewards.Scorer(c.data.kind) as scorer:
+            if not self.resume():
+                if c.train.sft_warmup_steps:
+                    self.sft_warmup()
+                if c.train.eval_every:
+                    self.log(self.evaluate(scorer))
+            while int(self.state.step) < c.train.steps:
+                metrics = self.train_step(scorer)
+                step = int(self.state.step)
+                if c.train.eval_every and step % c.train.eval_every == 0:
+                    metrics.update(self.evaluate(scorer))
+                if step % c.train.log_every == 0 or step == c.train.steps:
+                    self.log(metrics)
+                if step % c.train.checkpoint_every == 0 or step == c.train.steps:
+                    self.checkpoint()
+        self.checkpointer.wait()
+        self.checkpointer.close()
+        self.metrics_file.close()
+
+
+def train(config: ml_collections.ConfigDict) -> None:
+    """Runs (or resumes) the training described by `config`."""
+    Run(config).train()
