@@ -18,6 +18,7 @@ CONTEXTS = {
     "opsd": ("answer", "uniform"),
     "grpo_opsd": ("answer", "uniform"),
     "sdpo": ("peer", "first"),
+    "rlsd": ("answer", "uniform"),  # the teacher of RLSD's token weights sees the reference answer
 }
 
 
@@ -39,7 +40,8 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
     # Model: a local HF directory (`path`), or random weights of `preset` / the `arch` fields.
     c.model = ml_collections.ConfigDict(
-        dict(path="", preset="", arch=ml_collections.ConfigDict(), param_dtype="bfloat16", dtype="bfloat16", remat="full")
+        # float32 master weights (a 1e-6 step vanishes in bfloat16), bfloat16 compute
+        dict(path="", preset="", arch=ml_collections.ConfigDict(), param_dtype="float32", dtype="bfloat16", remat="full")
     )
     c.tokenizer_path = ""  # defaults to model.path
 
@@ -56,12 +58,23 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     c.sampling = ml_collections.ConfigDict(
-        dict(group_size=8, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=4096, cache_dtype="bfloat16")
+        dict(group_size=8, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=4096, cache_dtype="bfloat16",
+             rows_per_call=256)  # rollouts generated per sampler call (bounds the KV cache)
     )
     c.loss = loss_config(name)
-    c.loss.max_response_length = c.sampling.max_new_tokens
+    # Tied to the sampler: logprobs are of the distribution it drew from, lengths its limit.
+    c.loss.max_response_length = c.sampling.get_ref("max_new_tokens")
+    c.loss.temperature = c.sampling.get_ref("temperature")
     c.hindsight = ml_collections.ConfigDict(
-        dict(context=context, peer_rule=peer_rule, max_teacher_len=4096 + 1024 + 4096 + 512, strip_think=True)
+        dict(
+            context=context,
+            peer_rule=peer_rule,
+            max_teacher_len=4096 + 1024 + 4096 + 512,
+            strip_think=False,  # HSD's teacher reads the peer's whole path, reasoning included
+            # student/teacher/response lengths pad to the smallest bucket that fits: few shapes, few compiles
+            buckets=(256, 512, 1024, 2048, 4096, 8192, 16384),
+            template=ml_collections.ConfigDict(),  # overrides of hindsight.TeacherTemplate's text pieces
+        )
     )
     c.optimizer = ml_collections.ConfigDict(
         dict(learning_rate=1e-6, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)

@@ -26,18 +26,22 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.model.remat = "none"
     c.data.kind = "toy"
     c.data.toy_examples = 2000
-    c.data.questions_per_step = 8
+    c.data.questions_per_step = 4
     c.data.max_prompt_len = 96
     c.data.enable_thinking = False
     c.sampling.max_new_tokens = 64
     c.sampling.cache_dtype = "float32"
-    c.loss.max_response_length = c.sampling.max_new_tokens
     c.loss.overlong_buffer = min(c.loss.overlong_buffer, c.sampling.max_new_tokens // 4)
-    c.hindsight.max_teacher_len = 320
+    c.hindsight.max_teacher_len = 256
+    c.hindsight.buckets = tuple(range(32, 513, 32))
+    # A compact teacher context: the toy tokenizer spells most text character by character.
+    c.hindsight.template = ml_collections.ConfigDict(
+        dict(answer_open="\nAnswer: ", answer_close="", demo_open="\nSolution:\n", demo_close="", context_close="")
+    )
     c.optimizer.learning_rate = 1e-4
     c.mesh.shape = (1, -1, 1)
     c.train.steps = 20
-    c.train.micro_batch = 64
+    c.train.micro_batch = 32
     c.train.sft_warmup_steps = 300
     c.train.checkpoint_every = 10
     c.train.eval_samples = 4

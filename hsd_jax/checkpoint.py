@@ -60,7 +60,7 @@ class Checkpointer:
 def save_params(path: str | os.PathLike, params: Any) -> None:
     """Writes one params pytree to `path` (synchronously)."""
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(path), params)
+        checkpointer.save(os.path.abspath(path), params, force=True)
 
 
 def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:

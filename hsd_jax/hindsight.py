@@ -190,9 +190,9 @@ def student_prompt(template: TemplateTokens, question: Tokens) -> np.ndarray:
 def _find(tokens: np.ndarray, pattern: np.ndarray, start: int = 0) -> int:
     """First index >= start where `pattern` occurs in `tokens`, or -1."""
     n = len(pattern)
-    for k in range(start, len(tokens) - n + 1):
+    for k in start + np.flatnonzero(tokens[start : len(tokens) - n + 1] == pattern[0]):
         if np.array_equal(tokens[k : k + n], pattern):
-            return k
+            return int(k)
     return -1
 
 

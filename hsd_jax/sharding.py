@@ -130,3 +130,12 @@ def state_shardings(state: Any, mesh: Mesh, rules: dict[str, tuple[str, ...]] | 
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
+
+
+def constrain_batch(tree: Any, mesh: Mesh | None, rules: dict[str, tuple[str, ...]] | None = None) -> Any:
+    """Inside jit: keep every batch-major array of `tree` split over the batch axes of `mesh`."""
+    if mesh is None:
+        return tree
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim, rules, batch_size=x.shape[0])), tree
+    )

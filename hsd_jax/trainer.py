@@ -69,6 +69,17 @@ def validate(config: ml_collections.ConfigDict, loss_cfg: losses.LossConfig) -> 
         raise FileNotFoundError(f"config.model.path={c.model.path!r} is not a directory; point it at a local HF checkpoint.")
     if c.data.kind != "toy" and not c.data.train_files:
         raise ValueError(f"config.data.train_files is empty for data.kind={c.data.kind!r}; give JSONL/Parquet files.")
+    if c.hindsight.peer_rule not in hindsight.PEER_RULES:
+        raise ValueError(f"config.hindsight.peer_rule={c.hindsight.peer_rule!r}: use one of {hindsight.PEER_RULES}.")
+    if c.model.path and c.model.preset:
+        raise ValueError("config.model: set model.path or model.preset, not both (the checkpoint defines the architecture).")
+    if c.train.eval_every and c.data.kind != "toy" and not c.data.eval_files:
+        raise ValueError("config.train.eval_every > 0 needs config.data.eval_files (or set eval_every=0).")
+    if c.data.kind == "code" and c.hindsight.context in ("answer", "peer_answer"):
+        raise ValueError(
+            f"config.hindsight.context={c.hindsight.context!r} needs reference answers, which code rows do not have; "
+            "use 'peer' or 'none'."
+        )
     if c.hindsight.context not in hindsight.CONTEXT_MODES:
         raise ValueError(f"config.hindsight.context={c.hindsight.context!r}: use one of {hindsight.CONTEXT_MODES}.")
     if (loss_cfg.w_sd > 0 or loss_cfg.rlsd_lambda > 0) and c.hindsight.context == "none":
@@ -81,6 +92,11 @@ def validate(config: ml_collections.ConfigDict, loss_cfg: losses.LossConfig) -> 
         raise ValueError(
             f"config.train.micro_batch={c.train.micro_batch} must divide the {rollouts} rollouts of a step "
             f"(data.questions_per_step x sampling.group_size)."
+        )
+    if c.data.questions_per_step % jax.process_count():
+        raise ValueError(
+            f"config.data.questions_per_step={c.data.questions_per_step} must be a multiple of the "
+            f"{jax.process_count()} processes."
         )
     if c.sampling.group_size < 2:
         raise ValueError("config.sampling.group_size must be >= 2: peers and group advantages need a group.")
@@ -125,15 +141,11 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> qwen3.Qwen3Con
 def initial_params(config: ml_collections.ConfigDict, model_cfg: qwen3.Qwen3Config, mesh) -> tuple[Any, Any]:
     """(graphdef, params) of the initial policy pi_0, created directly in their shardings."""
     if config.model.path:
-        graphdef, params = nnx.split(hf.load_model(config.model.path, mesh=mesh, **_dtypes(model_cfg)))
-        return graphdef, params
+        m = config.model
+        return nnx.split(hf.load_model(m.path, mesh=mesh, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat))
     graphdef, abstract = nnx.split(qwen3.abstract_model(model_cfg))
     init = lambda: nnx.split(qwen3.Qwen3(model_cfg, rngs=nnx.Rngs(config.seed)))[1]
     return graphdef, jax.jit(init, out_shardings=sharding.state_shardings(abstract, mesh))()
-
-
-def _dtypes(model_cfg: qwen3.Qwen3Config) -> dict:
-    return dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,30 +213,38 @@ def micro_batch_loss(params, ref_params, batch, denominators, graphdef, cfg: los
 
 
 ADDITIVE_METRICS = ("loss", "pg_loss", "distill_loss", "ref_kl")
+# Independent random streams, each folded with the step (see Run.key / Run.rng).
+STREAM_SAMPLE, STREAM_PEERS, STREAM_EVAL, STREAM_WARMUP = range(4)
 
 
-def update_step(state: TrainState, ref_params, batch, *, graphdef, optimizer, cfg: losses.LossConfig, micro_batches: int):
+def update_step(
+    state: TrainState, ref_params, batch, *, graphdef, optimizer, cfg: losses.LossConfig, micro_batches: int, mesh=None
+):
     """One optimizer step over a whole batch of B rollouts, accumulated over `micro_batches`.
 
-    Returns (new state, metrics, per-token credit [B, T_resp]).
+    Micro-batch m takes rows m, m + M, m + 2M, ... so that with the batch split over devices
+    every micro-batch is too. Gradients accumulate in float32. Returns (new state, metrics,
+    per-token credit [B, T_resp] in the batch's row order).
     """
     full = losses.LossInputs(logprobs=batch["response_mask"], mask=batch["response_mask"], distill_mask=batch["distill_mask"])
     denominators = losses.loss_denominators(full, cfg)
-    split = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
+    split = jax.tree.map(lambda x: x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
     grad_fn = jax.grad(micro_batch_loss, has_aux=True)
 
     def accumulate(grads, micro):
+        micro = sharding.constrain_batch(micro, mesh)
         g, (metrics, credit) = grad_fn(state.params, ref_params, micro, denominators, graphdef, cfg)
-        return jax.tree.map(jnp.add, grads, g), (metrics, credit)
+        return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), (metrics, credit)
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     grads, (metrics, credit) = jax.lax.scan(accumulate, zeros, split)
     metrics = {k: v.sum() if k in ADDITIVE_METRICS else v.mean() for k, v in metrics.items()}
     metrics["grad_norm"] = optax.tree.norm(grads)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, metrics, credit.reshape(-1, credit.shape[-1])
+    return new_state, metrics, credit.swapaxes(0, 1).reshape(-1, credit.shape[-1])
 
 
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
@@ -233,15 +253,17 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
 
 
 def sft_step(state: TrainState, batch, *, graphdef, optimizer, chunk_size: int):
-    """One supervised step: mean negative log-likelihood of the response tokens."""
+    """One supervised step: mean negative log-likelihood of the response tokens, read both in
+    the student's format and in the teacher's (batch["student"], batch["teacher"])."""
 
-    def nll(params):
-        hidden = response_hidden(graphdef, params, batch["student"])
+    def nll(params, rows):
+        hidden = response_hidden(graphdef, params, rows)
         logprobs, _ = losses.token_logprobs(hidden, _head(graphdef, params), batch["response_tokens"], chunk_size=chunk_size)
         mask = batch["response_mask"]
         return -(logprobs * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
-    loss, grads = jax.value_and_grad(nll)(state.params)
+    loss_fn = lambda params: (nll(params, batch["student"]) + nll(params, batch["teacher"])) / 2
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), loss
 
@@ -294,17 +316,15 @@ class Run:
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), c.train.max_to_keep)
         self.warmup_path = os.path.join(self.workdir, "warmup_policy")
         self.metrics_file = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
-        jit_options = dict(graphdef=self.graphdef, optimizer=self.optimizer, cfg=self.loss_cfg,
+        jit_options = dict(graphdef=self.graphdef, optimizer=self.optimizer, cfg=self.loss_cfg, mesh=self.mesh,
                            micro_batches=c.data.questions_per_step * c.sampling.group_size // c.train.micro_batch)
         self.update = jax.jit(partial(update_step, **jit_options), donate_argnums=0)
-        self.rng = np.random.default_rng(c.seed)
-        self.key = jax.random.key(c.seed)
 
     # -- setup helpers -------------------------------------------------------------------------
 
     def teacher_template(self) -> hindsight.TeacherTemplate:
         """Qwen3's chat turns; with thinking off the assistant turn opens with an empty think block."""
-        template = hindsight.TeacherTemplate()
+        template = hindsight.TeacherTemplate(**self.config.hindsight.template.to_dict())
         if not self.config.data.enable_thinking:
             template = dataclasses.replace(template, assistant_open=template.assistant_open + "<think>\n\n</think>\n\n")
         return template
@@ -335,11 +355,23 @@ class Run:
         contents = [data.user_content(ex["question"], self.data_kind) for ex in examples]
         return hindsight.encode_texts(self.tokenizer, contents)
 
-    def sample(self, questions: list[np.ndarray], n: int | None = None) -> sampling.Rollouts:
-        prompts = [hindsight.student_prompt(self.template, q) for q in questions]
-        self.key, key = jax.random.split(self.key)
+    def key(self, stream: int) -> jax.Array:
+        """The PRNG key of `stream` at the current step: a resumed run draws what an uninterrupted one would."""
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), stream), int(self.state.step))
+
+    def rng(self, stream: int) -> np.random.Generator:
+        return np.random.default_rng([self.config.seed, stream, int(self.state.step)])
+
+    def sample(self, questions: list[np.ndarray], key: jax.Array, n: int | None = None) -> sampling.Rollouts:
+        """n (default G) rollouts per question, generated `sampling.rows_per_call` rows at a time."""
         cfg = self.sampling_cfg if n is None else dataclasses.replace(self.sampling_cfg, n=n)
-        return sampling.generate(self.graphdef, self.state.params, prompts, key, cfg, mesh=self.mesh)
+        prompts = [hindsight.student_prompt(self.template, q) for q in questions]
+        per_call = max(1, self.config.sampling.rows_per_call // cfg.n)
+        chunks = [
+            sampling.generate(self.graphdef, self.state.params, prompts[i : i + per_call], jax.random.fold_in(key, i), cfg, mesh=self.mesh)
+            for i in range(0, len(prompts), per_call)
+        ]
+        return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts]), *chunks)
 
     def responses(self, rollouts) -> list[np.ndarray]:
         tokens, lengths = np.asarray(rollouts.tokens), np.asarray(rollouts.lengths)
@@ -355,11 +387,12 @@ class Run:
         responses = self.responses(rollouts)
         mean_logprob = np.asarray(rollouts.logprobs).sum(1) / np.maximum(np.asarray(rollouts.lengths), 1)
         peers = hindsight.select_peers(
-            rewards_.reshape(-1, G), rule=c.hindsight.peer_rule, rng=self.rng, mean_logprobs=mean_logprob.reshape(-1, G)
+            rewards_.reshape(-1, G), rule=c.hindsight.peer_rule, rng=self.rng(STREAM_PEERS),
+            lengths=np.asarray(rollouts.lengths).reshape(-1, G), mean_logprobs=mean_logprob.reshape(-1, G),
         )
-        student = hindsight.build_student_batch(self.template, questions, responses)
+        student = hindsight.build_student_batch(self.template, questions, responses, buckets=c.hindsight.buckets)
         teacher = hindsight.build_teacher_batch(
-            self.template, questions, responses, mode=c.hindsight.context,
+            self.template, questions, responses, mode=c.hindsight.context, buckets=c.hindsight.buckets,
             answers=hindsight.encode_texts(self.tokenizer, [str(ex.get("answer", "")) for ex in examples]),
             solutions=hindsight.encode_texts(self.tokenizer, [ex.get("solution") for ex in examples]),
             peer_index=peers, strip_think_block=c.hindsight.strip_think, max_len=c.hindsight.max_teacher_len,
@@ -391,14 +424,15 @@ class Run:
         start = time.perf_counter()
         examples = next(self.data_iter)
         questions = self.question_tokens(examples)
-        rollouts = self.sample(questions)
-        jax.block_until_ready(rollouts.tokens)
+        rollouts = self.sample(questions, self.key(STREAM_SAMPLE))
         times["sample_s"] = time.perf_counter() - start
         start = time.perf_counter()
         rewards_, reasons = self.score(scorer, examples, rollouts)
         times["score_s"] = time.perf_counter() - start
         start = time.perf_counter()
         batch, peers, teacher = self.build_batch(examples, questions, rollouts, rewards_)
+        times["build_s"] = time.perf_counter() - start
+        start = time.perf_counter()
         self.state, metrics, credit = self.update(self.state, self.ref_params, self.place(batch))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         times["update_s"] = time.perf_counter() - start
@@ -435,8 +469,6 @@ class Run:
         self.data_iter.set_state(data_state)
         if saved.get("loss") != self.config.to_dict().get("loss"):
             logger.warning("resuming step %d with a different loss config than it was saved with", step)
-        self.key = jax.random.fold_in(self.key, step)
-        self.rng = np.random.default_rng([self.config.seed, step])
         print(f"resumed from {self.checkpointer.manager.directory} at step {step}", flush=True)
         return True
 
@@ -456,25 +488,41 @@ class Run:
             max_prompt_len=self.config.data.max_prompt_len, template=self.config.data.template,
             enable_thinking=self.config.data.enable_thinking,
         )
-        rollouts = self.sample(self.question_tokens(examples), n=n)
+        rollouts = self.sample(self.question_tokens(examples), self.key(STREAM_EVAL), n=n)
         rewards_, _ = self.score(scorer, examples, rollouts)
         return {f"eval/{k}": v for k, v in evaluate.summarize(rewards_.reshape(-1, n)).items()}
 
     def sft_warmup(self) -> None:
-        """Supervised steps on reference solutions (the toy task's worked solutions)."""
+        """Supervised steps on reference solutions (the toy task's worked solutions).
+
+        A tiny random model cannot read a privileged context it has never seen, so each
+        solution is also learned in the teacher's format: after the question, the answer and a
+        successful demonstration (here the solution itself), as HSD's teacher will see them.
+        """
         c = self.config
         optimizer = optax.adam(c.train.sft_learning_rate)
         state = jax.jit(init_state, static_argnums=1)(self.state.params, optimizer)
         step_fn = jax.jit(partial(sft_step, graphdef=self.graphdef, optimizer=optimizer, chunk_size=self.loss_cfg.chunk_size))
         rows = data.load_rows(self.train_files, self.data_kind)[0]
+        if not all(r.get("solution") for r in rows):
+            raise ValueError("config.train.sft_warmup_steps > 0 needs a 'solution' in every training row; set it to 0.")
+        rng = np.random.default_rng([c.seed, STREAM_WARMUP])
         eos = self.sampling_cfg.eos_ids[0]
+        pairs = c.data.questions_per_step * c.sampling.group_size // 2
         start = time.perf_counter()
         for i in range(c.train.sft_warmup_steps):
-            picked = [rows[j] for j in self.rng.integers(0, len(rows), c.data.questions_per_step * c.sampling.group_size)]
+            picked = [rows[j] for j in rng.integers(0, len(rows), pairs)]
             questions = self.question_tokens(picked)
-            solutions = [np.append(s, eos) for s in hindsight.encode_texts(self.tokenizer, [r["solution"] for r in picked])]
-            student = hindsight.build_student_batch(self.template, questions, solutions)
-            batch = dict(student=rows_dict(student), response_tokens=student.response_tokens, response_mask=student.response_mask)
+            solutions = hindsight.encode_texts(self.tokenizer, [r["solution"] for r in picked])
+            responses = [np.append(s, eos) for s in solutions for _ in range(2)]  # groups of 2 successes
+            student = hindsight.build_student_batch(self.template, questions, responses, buckets=c.hindsight.buckets)
+            teacher = hindsight.build_teacher_batch(
+                self.template, questions, responses, mode="peer_answer", buckets=c.hindsight.buckets,
+                answers=hindsight.encode_texts(self.tokenizer, [str(r["answer"]) for r in picked]),
+                peer_index=np.tile([1, 0], (pairs, 1)), strip_think_block=c.hindsight.strip_think,
+            )
+            batch = dict(student=rows_dict(student), teacher=rows_dict(teacher),
+                         response_tokens=student.response_tokens, response_mask=student.response_mask)
             state, loss = step_fn(state, self.place(batch))
             if (i + 1) % 50 == 0 or i + 1 == c.train.sft_warmup_steps:
                 print(f"sft warm-up {i + 1}/{c.train.sft_warmup_steps} nll={float(loss):.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -492,24 +540,27 @@ class Run:
             f"mesh={dict(self.mesh.shape)} workdir={self.workdir}",
             flush=True,
         )
-        with rewards.Scorer(c.data.kind) as scorer:
-            if not self.resume():
-                if c.train.sft_warmup_steps:
-                    self.sft_warmup()
-                if c.train.eval_every:
-                    self.log(self.evaluate(scorer))
-            while int(self.state.step) < c.train.steps:
-                metrics = self.train_step(scorer)
-                step = int(self.state.step)
-                if c.train.eval_every and step % c.train.eval_every == 0:
-                    metrics.update(self.evaluate(scorer))
-                if step % c.train.log_every == 0 or step == c.train.steps:
-                    self.log(metrics)
-                if step % c.train.checkpoint_every == 0 or step == c.train.steps:
-                    self.checkpoint()
-        self.checkpointer.wait()
-        self.checkpointer.close()
-        self.metrics_file.close()
+        try:
+            with rewards.Scorer(c.data.kind) as scorer:
+                if not self.resume():
+                    if c.train.sft_warmup_steps:
+                        self.sft_warmup()
+                    if c.train.eval_every:
+                        self.log(self.evaluate(scorer))
+                while int(self.state.step) < c.train.steps:
+                    metrics = self.train_step(scorer)
+                    step = int(self.state.step)
+                    evaluated = c.train.eval_every and step % c.train.eval_every == 0
+                    if evaluated:
+                        metrics.update(self.evaluate(scorer))
+                    if evaluated or step % c.train.log_every == 0 or step == c.train.steps:
+                        self.log(metrics)
+                    if step % c.train.checkpoint_every == 0 or step == c.train.steps:
+                        self.checkpoint()
+        finally:
+            self.checkpointer.wait()
+            self.checkpointer.close()
+            self.metrics_file.close()
 
 
 def train(config: ml_collections.ConfigDict) -> None:

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 import transformers
 
 from models import hf, qwen3
@@ -114,3 +115,12 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
         hf.load_model(tmp_path, head_dim=8)
     with pytest.raises(ValueError, match="Unsupported architecture"):
         qwen3.Qwen3Config.from_hf({**TINY, "model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+
+
+def test_bfloat16_checkpoint_loads_exactly(tmp_path):
+    reference = make_checkpoint(tmp_path / "f32").to(torch.bfloat16)
+    reference.save_pretrained(tmp_path / "bf16")
+    model = hf.load_model(tmp_path / "bf16", param_dtype="bfloat16")
+    expected = reference.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()  # [N*H, D]
+    loaded = np.asarray(model.layers.q_proj[...][1].astype(jnp.float32))  # [D, N, H]
+    np.testing.assert_array_equal(loaded.reshape(loaded.shape[0], -1).T, expected)

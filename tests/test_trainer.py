@@ -109,7 +109,6 @@ def tiny_config(workdir, steps):
     config.data.questions_per_step = 2
     config.sampling.group_size = 4
     config.sampling.max_new_tokens = 12
-    config.loss.max_response_length = 12
     config.train.micro_batch = 4
     config.train.sft_warmup_steps = 2
     config.train.steps = steps
@@ -117,12 +116,14 @@ def tiny_config(workdir, steps):
     return config
 
 
-def test_tiny_run_trains_checkpoints_and_resumes(tmp_path):
-    trainer.train(tiny_config(tmp_path, steps=2))
-    trainer.train(tiny_config(tmp_path, steps=3))
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [r["step"] for r in records] == [1, 2, 3]
-    for record in records:
+def test_tiny_run_trains_checkpoints_and_resumes_exactly(tmp_path):
+    trainer.train(tiny_config(tmp_path / "straight", steps=3))
+    trainer.train(tiny_config(tmp_path / "resumed", steps=2))
+    trainer.train(tiny_config(tmp_path / "resumed", steps=3))
+    straight, resumed = ([json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("straight", "resumed"))
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for record in resumed:
         assert 0 <= record["reward"] <= 1 and np.isfinite(record["loss"])
-        assert record["sampler_logprob_gap"] >= 0
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())[-1] == "3"
+    for key in ("reward", "loss", "kl", "response_length", "grad_norm"):
+        assert resumed[2][key] == pytest.approx(straight[2][key], rel=1e-5, abs=1e-7), key
+    assert sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.name.isdigit())[-1] == 3
