@@ -86,6 +86,11 @@ def main():
     print(f"hsd-jax forward:      {n_tokens / jax_s:10.0f} tokens/s ({jax_s * 1e3:.0f} ms)")
     print(f"transformers forward: {n_tokens / torch_s:10.0f} tokens/s ({torch_s * 1e3:.0f} ms)")
     print(f"ratio hsd-jax / transformers: {torch_s / jax_s:.2f}x")
+    c = model.config
+    layer_params = qwen3.count_params(c) - c.vocab_size * c.hidden_size
+    attention = 2 * 2 * args.batch * args.length**2 / 2 * c.num_attention_heads * c.head_dim * c.num_hidden_layers
+    flops = 2 * layer_params * n_tokens + attention
+    print(f"matmul work {flops / 1e9:.0f} GFLOP: hsd-jax {flops / jax_s / 1e9:.0f} GFLOP/s, transformers {flops / torch_s / 1e9:.0f} GFLOP/s")
 
     base = qwen3.Qwen3Config(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,

@@ -156,11 +156,12 @@ def initial_params(config: ml_collections.ConfigDict, model_cfg: qwen3.Qwen3Conf
 def response_hidden(graphdef, params, rows: dict[str, jax.Array]) -> jax.Array:
     """Final hidden states at the response positions: [B, T_resp, D].
 
-    rows: tokens, positions, segment_ids [B, T] and gather_index [B, T_resp] of a student or
-    teacher batch (see `hindsight.StudentBatch`).
+    rows: tokens, positions [B, T] and gather_index [B, T_resp] of a student or teacher batch
+    (see `hindsight.StudentBatch`). Rows are right-padded, so causal attention alone keeps
+    padding out of every real position: no mask, and the model's fused attention path.
     """
     model = nnx.merge(graphdef, params)
-    hidden, _ = model(rows["tokens"], rows["positions"], rows["segment_ids"])
+    hidden, _ = model(rows["tokens"], rows["positions"])
     return hindsight.gather_positions(hidden, rows["gather_index"])
 
 
@@ -275,7 +276,7 @@ def sft_step(state: TrainState, batch, *, graphdef, optimizer, chunk_size: int):
 
 def rows_dict(batch) -> dict[str, np.ndarray]:
     """The model inputs of a `StudentBatch` / `TeacherBatch` as a dict."""
-    return {k: getattr(batch, k) for k in ("tokens", "positions", "segment_ids", "gather_index")}
+    return {k: getattr(batch, k) for k in ("tokens", "positions", "gather_index")}
 
 
 def pad_to(x: np.ndarray, length: int) -> np.ndarray:

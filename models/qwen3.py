@@ -201,8 +201,14 @@ def attention_mask(
     return causal & same_segment & (key_segments[:, None, :] != 0)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, T, S] -> [B, T, N, H]."""
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Grouped-query attention. q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, T, S] -> [B, T, N, H].
+
+    mask=None means plain causal attention (T == S): it goes through `jax.nn.dot_product_attention`,
+    which uses a fused kernel (cuDNN flash attention on GPU) that never holds the [T, S] scores.
+    """
+    if mask is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
     B, T, N, H = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, N // K, H)
@@ -310,22 +316,24 @@ class Qwen3(nnx.Module):
         """Final hidden states [B, T, D] (after the last RMSNorm) and the updated cache.
 
         tokens, positions: [B, T] int. segment_ids: [B, T] int, tokens attend only within their
-        own segment; 0 marks padding (defaults to all ones). With a cache, the T tokens are
-        written at slots cache.index .. cache.index + T - 1 and attend to every earlier slot.
+        own segment; 0 marks padding. Without segment_ids and cache, attention is plain causal
+        (right padding needs nothing more) and uses a fused kernel where the backend has one.
+        With a cache, the T tokens are written at slots cache.index .. cache.index + T - 1 and
+        attend to every earlier slot.
         """
         c = self.config
         dtype = DTYPES[c.dtype]
         B, T = tokens.shape
-        if segment_ids is None:
-            segment_ids = jnp.ones((B, T), jnp.int32)
         x = self.embed[...].astype(dtype)[tokens]
-        if cache is None:
-            write_index = jnp.zeros((), jnp.int32)
+        write_index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        mask = key_segments = None
+        if cache is not None or segment_ids is not None:
+            if segment_ids is None:
+                segment_ids = jnp.ones((B, T), jnp.int32)
             key_segments = segment_ids
-        else:
-            write_index = cache.index
-            key_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, write_index))
-        mask = attention_mask(segment_ids, key_segments, write_index + jnp.arange(T))
+            if cache is not None:
+                key_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, write_index))
+            mask = attention_mask(segment_ids, key_segments, write_index + jnp.arange(T))
 
         def layer(carry, p):
             x, kv, l = carry
