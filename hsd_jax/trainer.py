@@ -98,6 +98,12 @@ def validate(config: ml_collections.ConfigDict, loss_cfg: losses.LossConfig) -> 
             f"config.data.questions_per_step={c.data.questions_per_step} must be a multiple of the "
             f"{jax.process_count()} processes."
         )
+    needed = c.data.max_prompt_len + c.sampling.max_new_tokens
+    if c.hindsight.context != "none" and c.hindsight.max_teacher_len < needed + 64:
+        raise ValueError(
+            f"config.hindsight.max_teacher_len={c.hindsight.max_teacher_len} leaves no room for the teacher's context: "
+            f"the question and rollout alone may take {needed} tokens; raise it (the recipe uses ~2 x that)."
+        )
     if c.sampling.group_size < 2:
         raise ValueError("config.sampling.group_size must be >= 2: peers and group advantages need a group.")
 

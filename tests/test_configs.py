@@ -35,3 +35,18 @@ def test_sweep_override_reaches_the_loss():
     config = importlib.import_module("configs.qwen3_8b").get_config("grpo")
     config.loss.beta = 1e-4
     assert trainer.loss_config(config).beta == 1e-4
+
+
+def test_teacher_length_must_fit_question_and_rollout():
+    config = importlib.import_module("configs.tiny").get_config()
+    config.hindsight.max_teacher_len = config.data.max_prompt_len + config.sampling.max_new_tokens
+    with pytest.raises(ValueError, match="max_teacher_len"):
+        trainer.validate(config, trainer.loss_config(config))
+
+
+@pytest.mark.parametrize("field,value", [("peer_rule", "random"), ("context", "everything")])
+def test_unknown_hindsight_choices_are_errors(field, value):
+    config = importlib.import_module("configs.tiny").get_config()
+    config.hindsight[field] = value
+    with pytest.raises(ValueError, match=f"hindsight.{field}"):
+        trainer.validate(config, trainer.loss_config(config))
