@@ -426,7 +426,7 @@ class Run:
         )
 
     def train_step(self, scorer) -> dict[str, float]:
-        c, G = self.config, self.config.sampling.group_size
+        G = self.config.sampling.group_size
         times = {}
         start = time.perf_counter()
         examples = next(self.data_iter)

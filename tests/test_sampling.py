@@ -74,7 +74,7 @@ def teacher_forced_logits(graphdef, params, sequences, length=32):
 
 def chi_square_z(counts, probs):
     """Wilson-Hilferty z-score of Pearson's chi-square statistic (about N(0, 1) under the null)."""
-    n, expected = counts.sum(), probs * counts.sum()
+    expected = probs * counts.sum()
     stat, dof = np.sum((counts - expected) ** 2 / expected), len(probs) - 1
     return ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
 
