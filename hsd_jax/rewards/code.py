@@ -39,6 +39,12 @@ Isolation: what the sandbox does
     users; `CodeVerifier` checks and says how to fix it) and every process of that uid is killed
     after each test; as another user it runs as the trainer's user, can signal the trainer and
     touch its files, and processes that leave the session can outlive the test.
+The caller's own uid: opt-in only
+- Where the program would run under the caller's uid (level "userns", or any caller that is not
+  root), `run_program` (and so `CodeVerifier`, `Scorer("code")` and the trainer) refuses with
+  `SameUidRefused` unless `SandboxLimits(allow_same_uid=True)` is passed: such a program can
+  signal every process of that user (`kill(-1)`), and write its files. `runs_as_caller()` says
+  whether this machine is in that case. Opt in only for trusted programs or a throwaway user.
 What it is not
 - Not a security boundary against a determined attacker: there is no seccomp filter, no
   read-only root filesystem and no cgroup. The program can read every world-readable file
@@ -80,7 +86,8 @@ _STDIN = "stdin.txt"
 @dataclasses.dataclass(frozen=True)
 class SandboxLimits:
     """Limits of one test run. `uid_base`: start of the sandbox users' uid range (root only;
-    see `sandbox_uid`)."""
+    see `sandbox_uid`). `allow_same_uid`: run programs even where they keep the caller's uid
+    (see "The caller's own uid" above); off by default."""
     timeout_s: float = 10.0
     memory_bytes: int = 1 << 30
     file_bytes: int = 16 << 20
@@ -89,6 +96,11 @@ class SandboxLimits:
     max_output_bytes: int = 4 << 20
     tmpfs_bytes: int = 64 << 20
     uid_base: int = 1_000_000
+    allow_same_uid: bool = False
+
+
+class SameUidRefused(RuntimeError):
+    """The sandbox would run a program under the caller's own uid without the opt-in."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,6 +392,26 @@ def sandbox_isolation(isolate: bool = True) -> str:
     return done.stdout.strip()
 
 
+def runs_as_caller(isolation: str) -> bool:
+    """Whether a sandboxed program keeps the caller's uid at `isolation` (a level of
+    `sandbox_isolation`): only a root caller can switch it, and not inside a user namespace."""
+    return isolation == "userns" or os.geteuid() != 0
+
+
+def check_uid_policy(limits: SandboxLimits, isolate: bool = True) -> None:
+    """Raises SameUidRefused where programs would run under the caller's uid without
+    `limits.allow_same_uid`; the message says why and how to opt in."""
+    isolation = sandbox_isolation(isolate)
+    if limits.allow_same_uid or not runs_as_caller(isolation):
+        return
+    raise SameUidRefused(
+        f"the code sandbox would run untrusted programs under your own uid {os.geteuid()} "
+        f"(isolation {isolation!r}): they could signal every process of that user and write its "
+        "files. Run as root with CAP_SYS_ADMIN (each program then gets a uid of its own), or "
+        "opt in with SandboxLimits(allow_same_uid=True) (Scorer('code', code_limits=...)) for "
+        "trusted programs or a throwaway user")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     """Outcome of one sandboxed run: "ok" (exit 0), "runtime_error", "timeout", "output_limit"."""
@@ -394,7 +426,9 @@ def run_program(program: str, stdin: bytes, limits: SandboxLimits = SandboxLimit
 
     `slot` picks the sandbox uid (`sandbox_uid`); concurrent runs of one process must use
     distinct slots. `isolate=False` skips the namespaces (rlimits, session and temp dir only).
+    Raises SameUidRefused where the program would keep the caller's uid without the opt-in.
     """
+    check_uid_policy(limits, isolate)
     workdir = tempfile.mkdtemp(prefix="hsd-sandbox-")
     try:
         with open(os.path.join(workdir, _PROGRAM), "w") as f:
@@ -502,8 +536,9 @@ def _passes(stdout: bytes, case: TestCase, functional: bool) -> bool:
 class CodeVerifier:
     """Scores candidate programs in parallel, `num_workers` sandboxes at a time (default: all
     cores). `verifier(completions, tests, fn_names=None)` returns one (reward, reason) each.
-    On creation it probes the isolation level (`.isolation`) and checks that a trivial program
-    runs, raising RuntimeError with the fix if the sandbox cannot run Python at all."""
+    On creation it probes the isolation level (`.isolation`), refuses (SameUidRefused) where
+    programs would keep the caller's uid without `limits.allow_same_uid`, and checks that a
+    trivial program runs, raising RuntimeError with the fix if the sandbox cannot run Python."""
 
     def __init__(self, num_workers: int | None = None, limits: SandboxLimits = SandboxLimits(),
                  isolate: bool = True):
