@@ -43,9 +43,10 @@ def _field(rows: Sequence[dict], name: str, kind: str) -> list[Any]:
 class Scorer:
     """Batched rewards for one kind of task ("math", "code" or "toy"), holding its workers.
 
-    `num_workers` defaults to all cores. "math" uses a `MathVerifier` (per-check deadline
-    `math_timeout_s`), "code" a `CodeVerifier` (limits `code_limits`), "toy" the in-process
-    `exact_match`.
+    `num_workers` defaults to all cores. "math" uses a `MathVerifier` (completions parsed and
+    checked in workers, per-completion deadline `math_timeout_s`), "code" a `CodeVerifier`
+    (limits `code_limits`), "toy" the in-process `exact_match` (string comparison after a
+    linear-time extraction; no workers, no deadline).
     """
 
     def __init__(self, kind: str, *, num_workers: int | None = None, math_timeout_s: float = 5.0,

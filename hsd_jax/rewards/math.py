@@ -2,15 +2,16 @@
 
 Extraction (`extract_answer`): the text after the last `</think>` (the whole text if there is
 none); in it the content of the last `\\boxed{...}` (nested braces matched; `\\fbox` too), or else
-the last number. Equivalence: the normalised strings are equal (checked in-process, cheap), or
-`math_verify` parses both sides and `verify`s them symbolically. The symbolic check runs in a
-`TimeoutPool` worker with a hard per-check deadline (5 s default): sympy can hang in C code
-where no signal is delivered, so a late worker is SIGKILLed and replaced. math_verify's own
-SIGALRM timeouts are switched off in the workers (`parsing_timeout=None`,
-`timeout_seconds=None`); the pool's deadline replaces them.
+the last number; linear time in the length of the completion. Equivalence: the normalised
+strings are equal, or `math_verify` parses both sides and `verify`s them symbolically.
+`MathVerifier` does all of it, extraction included, in a `TimeoutPool` worker with a hard
+per-completion deadline (5 s default), so no model output is parsed in the trainer's process:
+sympy can hang in C code where no signal is delivered, so a late worker is SIGKILLed and
+replaced. math_verify's own SIGALRM timeouts are switched off in the workers
+(`parsing_timeout=None`, `timeout_seconds=None`); the pool's deadline replaces them.
 
 Reasons returned with each reward: "correct", "wrong", "no_answer" (nothing extracted),
-"timeout" (the symbolic check passed its deadline), "error" (the worker process died).
+"timeout" (the check passed its deadline), "error" (the worker process died).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from hsd_jax.rewards._pool import TimeoutPool
 
 _THINK_END = "</think>"
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_BOX_TOKEN = re.compile(r"\\boxed|\\fbox|[{}]")  # the tokens `last_boxed` reads
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?")
 _LATEX_NOISE = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\displaystyle|\s+")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
@@ -35,37 +36,41 @@ def final_segment(text: str) -> str:
     return tail if sep else text
 
 
-def _braced(text: str, start: int) -> str | None:
-    """Content of the brace group opening at `text[start] == "{"`, or None if unbalanced."""
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1:i]
-    return None
-
-
 def last_boxed(text: str) -> str | None:
-    """Content of the last complete `\\boxed{...}` / `\\fbox{...}` (or `\\boxed 5`) in `text`."""
-    end = len(text)
-    while True:
-        start = max(text.rfind(cmd, 0, end) for cmd in _BOX_COMMANDS)
-        if start < 0:
-            return None
-        arg = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
-        rest = text[arg:arg + 1]
-        if rest == "{":
-            content = _braced(text, arg)
-            if content is not None:
-                return content.strip()
-        elif rest == " ":
-            token = text[arg:].split(maxsplit=1)
-            if token:
-                return token[0].rstrip("$.")
-        end = start
+    """Content of the last complete `\\boxed{...}` / `\\fbox{...}` (or `\\boxed 5`) in `text`.
+
+    "Last" is by the command's position; a group whose braces never close is skipped, as is a
+    command followed by anything but `{` or a space. Nested braces are matched. One left-to-right
+    pass over the commands and braces with a stack of open braces: O(len(text)) for any input.
+    """
+    best = -1  # start of the last usable command so far
+    best_span: tuple[int, int] | None = None  # its content text[i:j]; None for the `\\boxed 5` form
+    open_braces: list[tuple[int, int]] = []  # (position after "{", start of its command or -1)
+    owner = -1  # start of the command whose "{" is the next token
+    last_visible = len(text.rstrip())  # a spaced command needs a non-space at or after its arg
+    for match in _BOX_TOKEN.finditer(text):
+        token, pos = match.group(), match.start()
+        if token == "{":
+            open_braces.append((match.end(), owner))
+            owner = -1
+        elif token == "}":
+            if open_braces:
+                content_start, command = open_braces.pop()
+                if command > best:
+                    best, best_span = command, (content_start, pos)
+        else:
+            arg = match.end()
+            follower = text[arg:arg + 1]
+            if follower == "{":
+                owner = pos
+            elif follower == " " and arg < last_visible:
+                best, best_span = pos, None
+    if best < 0:
+        return None
+    if best_span is not None:
+        return text[best_span[0]:best_span[1]].strip()
+    arg = best + (len("\\boxed") if text.startswith("\\boxed", best) else len("\\fbox"))
+    return text[arg:].split(maxsplit=1)[0].rstrip("$.")
 
 
 def last_number(text: str) -> str | None:
@@ -118,29 +123,45 @@ def symbolic_equal(predicted: str, gold: str) -> bool:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
 
-def exact_match(completion: str, answer: str) -> tuple[float, str]:
-    """In-process check by normalised string equality only (the toy task's verifier)."""
-    predicted = extract_answer(completion)
+def _verdict(predicted: str | None, answer: str) -> tuple[float, str] | None:
+    """The verdict that needs no symbolic check: no answer, or normalised strings equal."""
     if predicted is None:
         return 0.0, "no_answer"
     if normalize_answer(predicted) == normalize_answer(answer):
         return 1.0, "correct"
-    return 0.0, "wrong"
+    return None
+
+
+def exact_match(completion: str, answer: str) -> tuple[float, str]:
+    """In-process check by normalised string equality only (the toy task's verifier)."""
+    return _verdict(extract_answer(completion), answer) or (0.0, "wrong")
+
+
+def check_completion(completion: str, answer: str) -> tuple[float, str]:
+    """`(reward, reason)` of a completion against a reference answer: extraction, normalised
+    equality, then `symbolic_equal`; WITHOUT any timeout, so run it in a `TimeoutPool` worker
+    (as `MathVerifier` does): every step parses model output."""
+    predicted = extract_answer(completion)
+    verdict = _verdict(predicted, answer)
+    if verdict is not None:
+        return verdict
+    return (1.0, "correct") if symbolic_equal(predicted, answer) else (0.0, "wrong")
 
 
 class MathVerifier:
     """Batched math verifier over a pool of `num_workers` processes (default: all cores).
 
     `verifier(completions, answers)` returns one `(reward, reason)` per completion, reward 1.0
-    iff its extracted answer is equivalent to the reference answer. Each symbolic check has
-    `timeout_s` of wall clock; a worker's address space is capped at `memory_limit_bytes`.
-    Start it once per run (the workers take seconds to import sympy) and `close()` it.
+    iff its extracted answer is equivalent to the reference answer. Each completion is checked
+    by `check_completion` in a worker, extraction included, with `timeout_s` of wall clock; a
+    worker's address space is capped at `memory_limit_bytes`. Start it once per run (the workers
+    take seconds to import sympy) and `close()` it.
     """
 
     def __init__(self, num_workers: int | None = None, timeout_s: float = 5.0,
                  memory_limit_bytes: int | None = 4 << 30):
-        self._pool = TimeoutPool(symbolic_equal, num_workers or os.cpu_count() or 1, timeout_s,
-                                 initializer=_init_worker,
+        self._pool = TimeoutPool(check_completion, num_workers or os.cpu_count() or 1,
+                                 timeout_s, initializer=_init_worker,
                                  memory_limit_bytes=memory_limit_bytes)
 
     def __call__(self, completions: Sequence[str],
@@ -148,23 +169,8 @@ class MathVerifier:
         if len(completions) != len(answers):
             raise ValueError(f"got {len(completions)} completions but {len(answers)} answers; "
                              "pass one reference answer per completion")
-        results: list[tuple[float, str]] = [(0.0, "no_answer")] * len(completions)
-        tasks, task_index = [], []
-        for i, (completion, gold) in enumerate(zip(completions, answers)):
-            predicted = extract_answer(completion)
-            if predicted is None:
-                continue
-            if normalize_answer(predicted) == normalize_answer(gold):
-                results[i] = (1.0, "correct")
-            else:
-                tasks.append((predicted, gold))
-                task_index.append(i)
-        for i, (status, equal) in zip(task_index, self._pool.map(tasks)):
-            if status == "ok":
-                results[i] = (1.0, "correct") if equal else (0.0, "wrong")
-            else:
-                results[i] = (0.0, status)
-        return results
+        results = self._pool.map(list(zip(completions, answers)))
+        return [value if status == "ok" else (0.0, status) for status, value in results]
 
     def wait_ready(self) -> None:
         """Blocks until all workers are warm (they start in the background on creation)."""
