@@ -391,7 +391,7 @@ def build_teacher_batch(
     answers: Sequence[Tokens] | None = None,
     solutions: Sequence[Tokens | None] | None = None,
     peer_index: np.ndarray | None = None,
-    strip_think_block: bool = True,
+    strip_think_block: bool = False,
     max_len: int | None = None,
     buckets: int | Sequence[int] = 128,
 ) -> TeacherBatch:
@@ -407,7 +407,9 @@ def build_teacher_batch(
       answers: `N` reference-answer token sequences (modes `answer`, `peer_answer`).
       solutions: `N` reference-solution token sequences or None (mode `solution`).
       peer_index: `[N, G]` within-group peers from `select_peers` (modes `peer`, `peer_answer`).
-      strip_think_block: remove the `<think>...</think>` block from demonstrations.
+      strip_think_block: remove the `<think>...</think>` block from demonstrations. Default
+        False: HSD's teacher reads the peer's whole path, reasoning included (that path is what it
+        distils); pass True for SDPO-style contexts that show only the final response.
       max_len: maximum unpadded teacher length; longer rows keep the head of the demonstration
         (never cut the question, answer or rollout) and count the dropped tokens.
       buckets: padding of T and T_resp (see `bucket_length`); use the student batch's value.

@@ -141,19 +141,22 @@ def test_modes_masks_fallback_and_prompts():
     rollouts = [enc(r) for r in ROLLOUTS]
     build = lambda mode, **kw: hs.build_teacher_batch(TT, questions, rollouts, mode=mode, buckets=16, **kw)
 
-    def demo(b, g):  # peer rollout text, stop and think block removed
-        return strip_think_text(ROLLOUTS[3 * g + peers[g, b % 3]].removesuffix("<|im_end|>"))
+    def demo(b, g, strip=False):  # peer rollout text, stop removed (and the think block if strip)
+        text = ROLLOUTS[3 * g + peers[g, b % 3]].removesuffix("<|im_end|>")
+        return strip_think_text(text) if strip else text
 
-    hsd = build("peer_answer", answers=answers, peer_index=peers)
+    hsd = build("peer_answer", answers=answers, peer_index=peers)  # default: reasoning kept
     np.testing.assert_array_equal(hsd.distill_mask, [1, 1, 1, 1, 1, 1])
     np.testing.assert_array_equal(hsd.has_peer, [1, 1, 1, 1, 1, 0])
     expected = [teacher_text(QUESTIONS[b // 3], ANSWERS[b // 3], demo(b, b // 3)) for b in range(5)]
     expected.append(teacher_text(QUESTIONS[1], ANSWERS[1]))  # HSD fallback: the answer alone
+    assert "<think>two plus three</think>" in expected[1]  # row 1's peer is rollout 0
     assert teacher_prefixes(hsd) == [TOK.encode(s) for s in expected]
 
-    sdpo = build("peer", peer_index=peers)
+    sdpo = build("peer", peer_index=peers, strip_think_block=True)
     np.testing.assert_array_equal(sdpo.distill_mask, [1, 1, 1, 1, 1, 0])
-    expected = [teacher_text(QUESTIONS[b // 3], demo=demo(b, b // 3)) for b in range(5)]
+    expected = [teacher_text(QUESTIONS[b // 3], demo=demo(b, b // 3, strip=True)) for b in range(5)]
+    assert "<think>" not in "".join(expected)
     assert teacher_prefixes(sdpo)[:5] == [TOK.encode(s) for s in expected]
 
     opsd = build("answer", answers=answers)
@@ -161,7 +164,7 @@ def test_modes_masks_fallback_and_prompts():
     assert teacher_prefixes(opsd) == [TOK.encode(teacher_text(QUESTIONS[b // 3], ANSWERS[b // 3])) for b in range(6)]
 
     solutions = ["<think>x</think>2 and 3 make 5.", "7 is prime."]
-    sol = build("solution", solutions=hs.encode_texts(TOK, solutions), strip_think_block=False)
+    sol = build("solution", solutions=hs.encode_texts(TOK, solutions))
     expected = [teacher_text(QUESTIONS[b // 3], demo=solutions[b // 3]) for b in range(6)]
     assert teacher_prefixes(sol) == [TOK.encode(s) for s in expected]
     with pytest.raises(ValueError, match=r"solutions\[1\] is missing"):
@@ -241,7 +244,7 @@ def test_teacher_and_student_logprobs_match_separate_forwards(tmp_path):
         g, peer = b // 3, peers[b // 3, b % 3]
         prompt = teacher_text(QUESTIONS[g], ANSWERS[g])
         if peer >= 0:
-            demo = strip_think_text(ROLLOUTS[3 * g + peer].removesuffix("<|im_end|>"))
+            demo = ROLLOUTS[3 * g + peer].removesuffix("<|im_end|>")
             keep = max_len - len(teacher_text(QUESTIONS[g], ANSWERS[g], "")) - len(rollout)
             dropped.append(max(len(demo) - keep, 0))
             prompt = teacher_text(QUESTIONS[g], ANSWERS[g], demo[:keep])
