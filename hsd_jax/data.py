@@ -4,8 +4,12 @@ Schemas (one JSON object per JSONL line, or one Parquet row):
 - math: `{"question": str, "answer": str | number, "solution": str (optional)}`
 - code: `{"question": str, "tests": tests, "fn_name": str (optional)}`, `tests` in a format
   `hsd_jax.rewards.code.normalize_tests` accepts (APPS or LiveCodeBench style).
-A row that fails validation is skipped and counted by reason in `DataStats` (and logged), never
-raised; so is a prompt longer than `max_prompt_len` tokens.
+A row that fails validation (including a JSONL line that is not valid UTF-8 or JSON) is skipped
+and counted by reason in `DataStats` (and logged), never raised; so is a prompt longer than
+`max_prompt_len` tokens. What does raise, naming the file: a missing file, an unknown format,
+and (`check_files`, meant to run before model setup) a file without a single valid row.
+`prompt_examples` gives the examples a run uses (valid, short enough); `prompt_dataset` batches
+them.
 
 An example (what a batch holds, a list of `batch_size` of them) is the validated row plus
 `"prompt"` (the rendered text) and `"prompt_ids"` (list[int]); treat it as read-only. Batches come
@@ -41,6 +45,9 @@ MATH_INSTRUCTION = "Please reason step by step, and put your final answer within
 CODE_INSTRUCTION = ("Write a complete Python 3 solution (the requested function, or a program "
                     "reading stdin and writing stdout) in a single ```python code block.")
 _INSTRUCTIONS = {"math": MATH_INSTRUCTION, "code": CODE_INSTRUCTION}
+_SCHEMAS = {"math": '{"question": str, "answer": str | number, "solution": str (optional)}',
+            "code": '{"question": str, "tests": tests, "fn_name": str (optional)}, tests in '
+                    "APPS or LiveCodeBench format"}
 
 
 class RowError(ValueError):
@@ -63,6 +70,13 @@ class DataStats:
         self.skipped[reason] += 1
         if len(self.samples) < 5:
             self.samples.append(f"{where}: {reason}")
+
+    def add(self, other: DataStats) -> None:
+        """Adds the counts (and samples, up to 5) of `other` to these."""
+        self.read += other.read
+        self.kept += other.kept
+        self.skipped.update(other.skipped)
+        self.samples.extend(other.samples[:5 - len(self.samples)])
 
     def summary(self) -> str:
         skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
@@ -106,44 +120,97 @@ def validate_row(row: Any, kind: str) -> dict:
     return clean
 
 
-def _read_records(path: str) -> Iterator[tuple[Any, str | None]]:
-    """(record, None) per row of a .jsonl or .parquet file, or (None, reason) per unreadable line."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        for record in pq.read_table(path).to_pylist():
-            yield record, None
-    elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line), None
-                except json.JSONDecodeError:
-                    yield None, "invalid_json"
-    else:
+def _check_file(path: str) -> None:
+    """Raises FileNotFoundError / ValueError naming `path` unless it is a readable data file."""
+    if not path.endswith((".jsonl", ".parquet")):
         raise ValueError(f"data file {path!r}: unknown format; use .jsonl (one JSON object per "
                          "line) or .parquet")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+
+
+def _read_records(path: str) -> Iterator[tuple[str, Any, str | None]]:
+    """(where, record, None) per row of a .jsonl or .parquet file, or (where, None, reason) per
+    unreadable line: "bad_utf8" (each JSONL line is decoded on its own) or "invalid_json".
+    `where` is "line N" (JSONL, blank lines counted) or "row N" (Parquet), 1-based."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        for number, record in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield f"row {number}", record, None
+        return
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig")  # a leading byte-order mark is not part of the row
+            except UnicodeDecodeError:
+                yield f"line {number}", None, "bad_utf8"
+                continue
+            if line.strip():
+                try:
+                    yield f"line {number}", json.loads(line), None
+                except json.JSONDecodeError:
+                    yield f"line {number}", None, "invalid_json"
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def _paths(paths: str | Sequence[str]) -> list[str]:
+    return [paths] if isinstance(paths, str) else list(paths)
 
 
 def load_rows(paths: str | Sequence[str], kind: str) -> tuple[list[dict], DataStats]:
-    """Validated rows of all `paths` in order, and the counts (bad rows skipped, logged)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    """Validated rows of all `paths` in order, and the counts (bad rows skipped, logged).
+
+    Raises FileNotFoundError (a path does not exist) or ValueError (unknown format or kind)
+    naming the path, before reading any file."""
+    _check_kind(kind)
+    paths = _paths(paths)
+    for path in paths:
+        _check_file(path)
     rows, stats = [], DataStats()
-    for path in [paths] if isinstance(paths, str) else paths:
-        for line, (record, error) in enumerate(_read_records(path), start=1):
+    for path in paths:
+        for where, record, error in _read_records(path):
             stats.read += 1
             try:
                 if error:
                     raise RowError(error, error)
                 rows.append(validate_row(record, kind))
             except RowError as e:
-                stats.skip(e.reason, f"{path} row {line}")
+                stats.skip(e.reason, f"{path} {where}")
     stats.kept = len(rows)
     if stats.skipped:
         logger.warning("%s data: %s (first: %s)", kind, stats.summary(), stats.samples)
     return rows, stats
+
+
+def check_files(paths: str | Sequence[str], kind: str, field: str) -> DataStats:
+    """Fails fast on data files a run cannot use: call it before model setup.
+
+    Every file of `paths` (the value of config field `field`, e.g. "config.data.train_files")
+    must exist, have a known format and hold at least one valid `kind` row. Returns the counts
+    of all files together; raises FileNotFoundError or ValueError starting with `field` and
+    naming the file, e.g. "config.data.train_files: /x.jsonl has no valid math row (read 3
+    rows, kept 0, skipped: bad_question=3); ...". Reads and validates every row once (no
+    tokenizer; the prompt-length filter is `prompt_examples`'s).
+    """
+    _check_kind(kind)
+    paths = _paths(paths)
+    if not paths:
+        raise ValueError(f"{field} is empty; give at least one .jsonl or .parquet file")
+    total = DataStats()
+    for path in paths:
+        try:
+            _rows, stats = load_rows(path, kind)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"{field}: {e}") from None
+        if not stats.kept:
+            raise ValueError(f"{field}: {path} has no valid {kind} row ({stats.summary()}); "
+                             f"each row must be {_SCHEMAS[kind]}")
+        total.add(stats)
+    return total
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -206,19 +273,13 @@ def shard_rows(examples: Sequence[dict], process_index: int | None = None,
     return grain.MapDataset.source(list(examples))[process_index::process_count]
 
 
-def prompt_dataset(paths: str | Sequence[str], kind: str, tokenizer: Any, *, batch_size: int,
-                   max_prompt_len: int, seed: int = 0, num_epochs: int | None = None,
-                   shuffle: bool = True, process_index: int | None = None,
-                   process_count: int | None = None, template: str = "chat",
-                   enable_thinking: bool = True,
-                   instruction: str | None = None) -> tuple[grain.IterDataset, DataStats]:
-    """Batches (lists of `batch_size` examples) of this process's shard of `paths`.
-
-    `batch_size` is per process. Returns the grain IterDataset (`iter()` it for a checkpointable
-    iterator) and the load counts. Raises ValueError if no example survives for this process.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+def prompt_examples(paths: str | Sequence[str], kind: str, tokenizer: Any, *,
+                    max_prompt_len: int, template: str = "chat", enable_thinking: bool = True,
+                    instruction: str | None = None) -> tuple[list[dict], DataStats]:
+    """The examples of `paths` that a run uses, in file order, and the load counts: the rows
+    that pass validation (`load_rows`) and whose prompt has at most `max_prompt_len` tokens
+    (`encode_prompts`). `prompt_dataset` batches exactly these; use them, not raw `load_rows`
+    output, wherever a run reads the same files (evaluation, a supervised warm-up)."""
     rows, stats = load_rows(paths, kind)
     examples = encode_prompts(rows, tokenizer, kind, max_prompt_len=max_prompt_len, stats=stats,
                               template=template, enable_thinking=enable_thinking,
@@ -226,6 +287,25 @@ def prompt_dataset(paths: str | Sequence[str], kind: str, tokenizer: Any, *, bat
     if stats.skipped.get("too_long"):
         logger.warning("%s data: %d prompts longer than %d tokens dropped", kind,
                        stats.skipped["too_long"], max_prompt_len)
+    return examples, stats
+
+
+def prompt_dataset(paths: str | Sequence[str], kind: str, tokenizer: Any, *, batch_size: int,
+                   max_prompt_len: int, seed: int = 0, num_epochs: int | None = None,
+                   shuffle: bool = True, process_index: int | None = None,
+                   process_count: int | None = None, template: str = "chat",
+                   enable_thinking: bool = True,
+                   instruction: str | None = None) -> tuple[grain.IterDataset, DataStats]:
+    """Batches (lists of `batch_size` examples) of this process's shard of `prompt_examples`.
+
+    `batch_size` is per process. Returns the grain IterDataset (`iter()` it for a checkpointable
+    iterator) and the load counts. Raises ValueError if no example survives for this process.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    examples, stats = prompt_examples(paths, kind, tokenizer, max_prompt_len=max_prompt_len,
+                                      template=template, enable_thinking=enable_thinking,
+                                      instruction=instruction)
     dataset = shard_rows(examples, process_index, process_count)
     if len(dataset) < batch_size:
         raise ValueError(f"this process's shard has {len(dataset)} examples, fewer than "

@@ -1,6 +1,7 @@
 """Data pipeline: validation counts, chat templating, sharding, deterministic resume, toy task."""
 import json
 import re
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,12 +11,28 @@ from transformers import AutoTokenizer
 from hsd_jax import data
 from hsd_jax.rewards.math import exact_match
 
+REPO = Path(__file__).resolve().parent.parent
+# Qwen3's chat template as published in its tokenizer_config.json (Qwen/Qwen3-8B).
+QWEN3_CHAT_TEMPLATE = (Path(__file__).resolve().parent / "data" / "qwen3_chat_template.jinja").read_text()
+
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
+def tokenizer_dir(tmp_path_factory):
+    return data.build_toy_tokenizer(str(tmp_path_factory.mktemp("toy_tokenizer")))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
     """The toy tokenizer (Qwen3-style specials and chat template), loaded like a real one."""
-    path = data.build_toy_tokenizer(str(tmp_path_factory.mktemp("toy_tokenizer")))
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer(tokenizer_dir):
+    """The toy vocabulary with Qwen3's real chat template."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +54,37 @@ def test_toy_tokenizer_is_small_and_qwen3_shaped(tokenizer):
     assert tokenizer.decode(ids) == text
 
 
-@pytest.mark.parametrize("enable_thinking", [True, False])
-def test_chat_prompt_matches_apply_chat_template(tokenizer, enable_thinking):
-    question = "What is (3 + 4) * 2?"
-    [example] = data.encode_prompts([{"question": question, "answer": "14"}], tokenizer, "math",
-                                    max_prompt_len=1000, enable_thinking=enable_thinking)
-    messages = [{"role": "user", "content": f"{question}\n\n{data.MATH_INSTRUCTION}"}]
-    reference = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                              enable_thinking=enable_thinking)["input_ids"]
-    assert example["prompt_ids"] == list(reference)
-    assert example["prompt"].startswith("<|im_start|>user\nWhat is")
-    assert example["prompt"].endswith("<think>\n\n</think>\n\n" if not enable_thinking
-                                      else "<|im_start|>assistant\n")
+# The prompt of "What is (3 + 4) * 2?" in Qwen3's chat format, written out by hand.
+QWEN3_PROMPT = ("<|im_start|>user\nWhat is (3 + 4) * 2?\n\nPlease reason step by step, and put "
+                "your final answer within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
+QWEN3_PROMPT_NO_THINKING = QWEN3_PROMPT + "<think>\n\n</think>\n\n"
+
+
+@pytest.mark.parametrize("template", ["toy", "qwen3"])
+@pytest.mark.parametrize("enable_thinking, expected", [(True, QWEN3_PROMPT),
+                                                       (False, QWEN3_PROMPT_NO_THINKING)])
+def test_chat_prompt_is_qwen3_format(tokenizer, qwen3_tokenizer, template, enable_thinking,
+                                     expected):
+    tok = qwen3_tokenizer if template == "qwen3" else tokenizer
+    [example] = data.encode_prompts([{"question": "What is (3 + 4) * 2?", "answer": "14"}], tok,
+                                    "math", max_prompt_len=1000, enable_thinking=enable_thinking)
+    assert example["prompt"] == expected
+    ids = example["prompt_ids"]
+    assert ids == tok(expected, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+    assert ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 1
+
+
+def test_shipped_qwen3_template_drops_past_reasoning(qwen3_tokenizer):
+    """The test data is Qwen3's template: an earlier assistant turn loses its think block, the
+    system turn comes first."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"},
+                {"role": "assistant", "content": "<think>\nadd\n</think>\n\n2"},
+                {"role": "user", "content": "2+2?"}]
+    text = qwen3_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n"
+                    "<|im_start|>assistant\n2<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
 
 
 def test_plain_template(tokenizer):
@@ -85,20 +121,85 @@ def test_malformed_code_rows_and_parquet(tmp_path):
     assert stats.skipped == {"bad_tests": 2, "bad_question": 1}
 
 
+def test_bad_utf8_lines_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"question": "1 + 1?", "answer": "2"}\n'  # byte-order mark
+                     b'{"question": "caf\xe9 au lait?", "answer": "1"}\n'  # latin-1, not UTF-8
+                     b"\n"
+                     b'{"question": "caf\xc3\xa9?", "answer": "3"}\n')
+    rows, stats = data.load_rows(str(path), "math")
+    assert rows == [{"question": "1 + 1?", "answer": "2"}, {"question": "caf\u00e9?", "answer": "3"}]
+    assert (stats.read, stats.kept, stats.skipped) == (3, 2, {"bad_utf8": 1})
+    assert stats.samples == [f"{path} line 2: bad_utf8"]
+
+
 def test_unknown_file_format_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"\.jsonl.*\.parquet"):
         data.load_rows(str(tmp_path / "rows.csv"), "math")
 
 
+def test_missing_file_is_an_error_naming_it(tmp_path):
+    missing = str(tmp_path / "nowhere.jsonl")
+    with pytest.raises(FileNotFoundError, match=re.escape(missing)):
+        data.load_rows(missing, "math")
+
+
+def test_check_files_fails_fast_naming_field_and_file(tmp_path):
+    field = "config.data.train_files"
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(json.dumps({"question": "1 + 1?", "answer": 2}) + "\n{oops\n")
+    bad.write_text("\n".join(json.dumps({"question": "", "answer": "1"}) for _ in range(3)) + "\n")
+
+    stats = data.check_files([str(good), str(good)], "math", field)
+    assert (stats.read, stats.kept, stats.skipped) == (4, 2, {"invalid_json": 2})
+    with pytest.raises(ValueError) as error:
+        data.check_files([str(good), str(bad)], "math", field)
+    assert str(error.value).startswith(f"{field}: {bad} has no valid math row (read 3 rows, kept 0, "
+                                       "skipped: bad_question=3); each row must be {")
+    missing = str(tmp_path / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match=f"^{field}: .*{re.escape(missing)}"):
+        data.check_files([str(good), missing], "math", field)
+    with pytest.raises(ValueError, match=f"^{field}: .*rows.csv.*unknown format"):
+        data.check_files(str(tmp_path / "rows.csv"), "math", field)
+    with pytest.raises(ValueError, match=f"^{field} is empty"):
+        data.check_files([], "math", field)
+
+
 def test_long_prompts_are_filtered_and_counted(tmp_path, tokenizer):
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps({"question": q, "answer": "1"})
-                              for q in ["short", "x" * 500, "also short"]) + "\n")
+                              for q in ["short", "x" * 500, "also short", ""]) + "\n")
     dataset, stats = data.prompt_dataset(str(path), "math", tokenizer, batch_size=1,
                                          max_prompt_len=200, num_epochs=1, shuffle=False,
                                          process_index=0, process_count=1)
     assert questions(dataset) == [["short"], ["also short"]]
-    assert stats.skipped == {"too_long": 1} and stats.kept == 2
+    assert stats.skipped == {"too_long": 1, "bad_question": 1} and stats.kept == 2
+
+    # What a warm-up or an evaluation reads: the same valid, short-enough examples.
+    examples, stats = data.prompt_examples(str(path), "math", tokenizer, max_prompt_len=200)
+    assert [(e["question"], e["answer"]) for e in examples] == [("short", "1"), ("also short", "1")]
+    assert all(len(e["prompt_ids"]) <= 200 for e in examples)
+    assert stats.skipped == {"too_long": 1, "bad_question": 1} and stats.kept == 2
+
+
+def test_math_rows_from_parquet_through_prompt_dataset(tmp_path, tokenizer):
+    table = pa.table({"question": ["What is 7 * 2?", "", "What is 1 + 2?"],
+                      "answer": [14, 5, 3],
+                      "solution": ["7 * 2 = 14\nThe answer is \\boxed{14}.", None, None]})
+    path = tmp_path / "math.parquet"
+    pq.write_table(table, path)
+    dataset, stats = data.prompt_dataset(str(path), "math", tokenizer, batch_size=2,
+                                         max_prompt_len=512, num_epochs=1, shuffle=False,
+                                         process_index=0, process_count=1)
+    [batch] = list(dataset)
+    assert [{k: e[k] for k in ("question", "answer", "solution") if k in e} for e in batch] == [
+        {"question": "What is 7 * 2?", "answer": "14",
+         "solution": "7 * 2 = 14\nThe answer is \\boxed{14}."},
+        {"question": "What is 1 + 2?", "answer": "3"}]
+    assert batch[1]["prompt"] == ("<|im_start|>user\nWhat is 1 + 2?\n\nPlease reason step by step, "
+                                  "and put your final answer within \\boxed{}.<|im_end|>\n"
+                                  "<|im_start|>assistant\n")
+    assert (stats.read, stats.kept, stats.skipped) == (3, 2, {"bad_question": 1})
 
 
 def test_resume_yields_the_batches_of_an_uninterrupted_run(toy_path, tokenizer):
@@ -169,5 +270,5 @@ def test_toy_problems_are_correct_and_verifiable(toy_path):
 
 def test_example_files_are_clean(tokenizer):
     for kind in data.KINDS:
-        rows, stats = data.load_rows(f"examples/{kind}.jsonl", kind)
+        rows, stats = data.load_rows(str(REPO / "examples" / f"{kind}.jsonl"), kind)
         assert len(rows) == 12 and not stats.skipped, stats.summary()
