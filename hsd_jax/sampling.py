@@ -408,6 +408,13 @@ def _generate(graphdef, params, tokens, pads, key, config: SamplingConfig, mesh,
 _generate_jit = jax.jit(_generate, static_argnames=("graphdef", "config", "mesh", "rules_items"))
 
 
+def compiled_variants() -> int:
+    """How many sampler programs `generate` holds compiled in this process: one per distinct
+    (model, prompt count, prompt bucket, config, mesh, rules). For checking that new prompts
+    reuse a compiled program."""
+    return _generate_jit._cache_size()
+
+
 def generate(
     graphdef: nnx.GraphDef,
     params: nnx.State,
