@@ -171,21 +171,44 @@ def hf_tensors(model: Qwen3) -> dict[str, np.ndarray]:
     return tensors
 
 
-def save_model(model: Qwen3, path: str | os.PathLike) -> None:
-    """Writes config.json and safetensors (sharded with an index past 4 GiB) that transformers loads."""
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(model.config.to_hf(), f, indent=2)
-    tensors = hf_tensors(model)
+def split_shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
+    """Groups tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets a
+    shard of its own)."""
     shards, current, size = [], {}, 0
     for name, tensor in tensors.items():
-        if current and size + tensor.nbytes > MAX_SHARD_BYTES:
+        if current and size + tensor.nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0
         current[name] = tensor
         size += tensor.nbytes
-    shards.append(current)
+    return shards + [current]
+
+
+def _remove_weight_files(path: str) -> None:
+    """Deletes HF weight files of an earlier save (`model.safetensors`, its index and
+    `model-*-of-*.safetensors`), so that no loader can pick up stale tensors."""
+    for name in os.listdir(path):
+        if name in ("model.safetensors", "model.safetensors.index.json") or (
+            name.startswith("model-") and "-of-" in name and name.endswith(".safetensors")
+        ):
+            os.remove(os.path.join(path, name))
+
+
+def save_model(model: Qwen3, path: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Writes config.json and safetensors weights that transformers loads: `model.safetensors`,
+    or `model-0000i-of-0000n.safetensors` files with `model.safetensors.index.json` when they pass
+    `max_shard_bytes` (4 GiB by default). Weight files of an earlier save in `path` are replaced.
+    A tied head is not written (`tie_word_embeddings` in config.json). A mesh-sharded model is
+    gathered into host memory (single host only)."""
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}.")
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    _remove_weight_files(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(model.config.to_hf(), f, indent=2)
+    tensors = hf_tensors(model)
+    shards = split_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         return
