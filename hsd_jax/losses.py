@@ -476,6 +476,11 @@ class LossConfig:
         except ValueError as e:
             raise ValueError(f"LossConfig: {e}") from None
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the loss reads a teacher pass: distillation (``w_sd``) or RLSD token weights."""
+        return self.w_sd > 0 or self.rlsd_lambda > 0
+
 
 _PRESETS: dict[str, dict] = {
     # Eq. 10/13: full-vocab KL(teacher || student) over all G rollouts, k3 reference KL, no PG.
@@ -548,19 +553,25 @@ def _require(inputs: LossInputs, field: str, why: str) -> Array:
     return value
 
 
-def _distill_token_mask(inputs: LossInputs) -> Array:
-    mask = inputs.mask.astype(jnp.float32)
-    if inputs.distill_mask is None:
+def _distill_token_mask(mask: Array, distill_mask: Array | None) -> Array:
+    """``mask`` [B, T] restricted to the rows of ``distill_mask`` [B] (None = every row), float32."""
+    mask = mask.astype(jnp.float32)
+    if distill_mask is None:
         return mask
-    return mask * inputs.distill_mask.astype(jnp.float32)[:, None]
+    return mask * distill_mask.astype(jnp.float32)[:, None]
 
 
-def loss_denominators(inputs: LossInputs, cfg: LossConfig) -> dict[str, Array]:
-    """Aggregation denominators ``{"main", "distill"}`` of a (full) batch, for ``objective``."""
-    zeros = jnp.zeros(inputs.mask.shape, jnp.float32)
+def loss_denominators(mask: Array, distill_mask: Array | None, cfg: LossConfig) -> dict[str, Array]:
+    """Aggregation denominators ``{"main", "distill"}`` of a (full) batch, for ``objective``.
+
+    ``mask``: [B, T] response mask (as ``LossInputs.mask``); ``distill_mask``: [B] rows with a
+    teacher signal, or None for every row (as ``LossInputs.distill_mask``).
+    """
+    zeros = jnp.zeros(mask.shape, jnp.float32)
     norm = cfg.max_response_length
-    return {"main": aggregate(zeros, inputs.mask, cfg.agg, norm_length=norm)[1],
-            "distill": aggregate(zeros, _distill_token_mask(inputs), cfg.agg, norm_length=norm)[1]}
+    return {"main": aggregate(zeros, mask, cfg.agg, norm_length=norm)[1],
+            "distill": aggregate(zeros, _distill_token_mask(mask, distill_mask), cfg.agg,
+                                 norm_length=norm)[1]}
 
 
 def objective(
@@ -577,7 +588,9 @@ def objective(
     ``clip_frac``, ``dual_clip_frac``, ``ratio``, ``kl`` (k3), ``divergence``, ``entropy``,
     ``credit``, ``abs_credit`` of the micro-batch (where the inputs are present).
     """
-    dens = denominators if denominators is not None else loss_denominators(inputs, cfg)
+    dens = denominators
+    if dens is None:
+        dens = loss_denominators(inputs.mask, inputs.distill_mask, cfg)
     mask = inputs.mask.astype(jnp.float32)
 
     def token_mean(values, m=mask):
@@ -603,7 +616,7 @@ def objective(
                        dual_clip_frac=token_mean(info["dual_clipped"]))
     if cfg.w_sd > 0:
         div = _require(inputs, "divergence", "w_sd > 0")
-        sd_mask = _distill_token_mask(inputs)
+        sd_mask = _distill_token_mask(inputs.mask, inputs.distill_mask)
         metrics["distill_loss"] = term(div, sd_mask, dens["distill"])
         metrics["divergence"] = sg(token_mean(div, sd_mask))
     if cfg.beta > 0:

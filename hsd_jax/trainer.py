@@ -1,21 +1,25 @@
-"""The training loop: sample -> score -> build teacher batch -> update -> log / checkpoint.
+"""Training: the train state, the one jitted update, and the loop that wires the parts together.
 
-This is the only module that wires the pieces together (DESIGN.md, "Data flow"):
+The trainer modules are the only place that wires the pieces together (DESIGN.md, "Data flow"):
 
-    prompts (grain) --sampling.generate--> G rollouts per question (tokens, logprobs, lengths)
-      --rewards.Scorer--> R in {0,1} --hindsight.build_teacher_batch--> [q ; c_i ; o_i]
-      --update_step (ONE jit)--> teacher pass (stop-grad) + student pass (grad) + reference pass
-                                 + fused chunked loss + optax update
-      --> metrics (reward, coverage, credit at divergence, KL, entropy, tokens/s) --> Orbax
+    rollout.py  examples --sampling.generate--> G rollouts per question --rewards.Scorer--> R
+    batch.py    scored rollouts -> `TrainBatch` (student + teacher rows, targets, masks,
+                advantages), shared with the warm-up; placement on the mesh
+    warmup.py   supervised steps on reference solutions before RL (the toy task)
+    trainer.py  config checks, model setup, `TrainState`, `update_step`, and `Run`:
+                rollout -> batch -> update -> log / checkpoint, and evaluation
 
-`update_step` is pure over a `TrainState` pytree and accumulates gradients over micro-batches
-with `lax.scan`; every loss term is normalised by whole-batch denominators
-(`losses.loss_denominators`), so the result equals one big batch. A run resumes from the latest
-checkpoint in its workdir: params, optimizer state, step and the data iterator's position.
+`update_step` (ONE jit) runs the teacher pass (stop-grad), the student pass (grad), the reference
+pass and the fused chunked loss, then the optax update. It is pure over a `TrainState` pytree and
+accumulates gradients over micro-batches with `lax.scan`; every loss term is normalised by
+whole-batch denominators (`losses.loss_denominators`), so the result equals one big batch. A run
+resumes from the latest checkpoint in its workdir: params, optimizer state, step and the data
+iterator's position.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,7 +35,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hsd_jax import data, evaluate, hindsight, losses, rewards, sampling, sharding
+from hsd_jax import batch as batch_lib
+from hsd_jax import data, evaluate, hindsight, losses, rewards, rollout, sampling, sharding, warmup
 from hsd_jax.checkpoint import Checkpointer, restore_params, save_params
 from models import hf, qwen3
 
@@ -154,40 +159,44 @@ def initial_params(config: ml_collections.ConfigDict, model_cfg: qwen3.Qwen3Conf
     return graphdef, jax.jit(init, out_shardings=sharding.state_shardings(abstract, mesh))()
 
 
+def teacher_template(config: ml_collections.ConfigDict) -> hindsight.TeacherTemplate:
+    """Qwen3's chat turns with `config.hindsight.template`'s overrides; with thinking off the
+    assistant turn opens with an empty think block."""
+    template = hindsight.TeacherTemplate(**config.hindsight.template.to_dict())
+    if not config.data.enable_thinking:
+        template = dataclasses.replace(template, assistant_open=template.assistant_open + "<think>\n\n</think>\n\n")
+    return template
+
+
+def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[str], list[str]]:
+    """Train and eval files; the toy task writes its own into `workdir`."""
+    d = config.data
+    if d.kind == "toy":
+        train = data.write_toy_dataset(os.path.join(workdir, "toy_train.jsonl"), d.toy_examples, config.seed)
+        evals = data.write_toy_dataset(os.path.join(workdir, "toy_eval.jsonl"), 64, config.seed + 1)
+        return [train], [evals]
+    split = lambda files: [f for f in files.split(",") if f]
+    return split(d.train_files), split(d.eval_files)
+
+
 # ------------------------------------------------------------------------------------------------
 # The jitted update
 # ------------------------------------------------------------------------------------------------
 
 
-def response_hidden(graphdef, params, rows: dict[str, jax.Array]) -> jax.Array:
-    """Final hidden states at the response positions: [B, T_resp, D].
+def micro_batch_loss(params, ref_params, batch: batch_lib.TrainBatch, denominators, graphdef, cfg: losses.LossConfig):
+    """HSD / GRPO-family loss of one micro-batch of b rows and its metrics.
 
-    rows: tokens, positions [B, T] and gather_index [B, T_resp] of a student or teacher batch
-    (see `hindsight.StudentBatch`). Rows are right-padded, so causal attention alone keeps
-    padding out of every real position: no mask, and the model's fused attention path.
+    denominators: `losses.loss_denominators` of the whole batch. The teacher pass runs only when
+    `cfg.needs_teacher`, the reference pass only when `cfg.beta > 0`.
+    Returns (loss, (metrics, credit [b, T_resp])), credit 0 without a teacher.
     """
-    model = nnx.merge(graphdef, params)
-    hidden, _ = model(rows["tokens"], rows["positions"])
-    return hindsight.gather_positions(hidden, rows["gather_index"])
-
-
-def _head(graphdef, params) -> jax.Array:
-    return nnx.merge(graphdef, params).head()
-
-
-def micro_batch_loss(params, ref_params, batch, denominators, graphdef, cfg: losses.LossConfig):
-    """HSD / GRPO-family loss of one micro-batch and its metrics.
-
-    batch: "student" and "teacher" row dicts, "response_tokens", "response_mask" [b, T_resp],
-    "distill_mask" [b], "advantages" [b], "sampler_logprobs" [b, T_resp].
-    Returns (loss, (metrics, credit [b, T_resp])).
-    """
-    targets, mask = batch["response_tokens"], batch["response_mask"]
-    student = response_hidden(graphdef, params, batch["student"])
-    head = _head(graphdef, params)
+    targets, mask = batch.response_tokens, batch.response_mask
+    student = batch_lib.response_hidden(graphdef, params, batch.student)
+    head = batch_lib.lm_head(graphdef, params)
     chunked = dict(temperature=cfg.temperature, chunk_size=cfg.chunk_size)
-    if cfg.w_sd > 0 or cfg.rlsd_lambda > 0:
-        teacher = response_hidden(graphdef, jax.lax.stop_gradient(params), batch["teacher"])
+    if cfg.needs_teacher:
+        teacher = batch_lib.response_hidden(graphdef, jax.lax.stop_gradient(params), batch.teacher)
         out = losses.distill_divergence(
             teacher, student, head, targets, divergence=cfg.divergence, alpha=cfg.alpha, top_k=cfg.top_k, **chunked
         )
@@ -197,8 +206,8 @@ def micro_batch_loss(params, ref_params, batch, denominators, graphdef, cfg: los
         divergence = credit = None
     ref_logprobs = None
     if cfg.beta > 0:
-        ref = response_hidden(graphdef, ref_params, batch["student"])
-        ref_logprobs, _ = losses.token_logprobs(ref, _head(graphdef, ref_params), targets, **chunked)
+        ref = batch_lib.response_hidden(graphdef, ref_params, batch.student)
+        ref_logprobs, _ = losses.token_logprobs(ref, batch_lib.lm_head(graphdef, ref_params), targets, **chunked)
         ref_logprobs = jax.lax.stop_gradient(ref_logprobs)
     inputs = losses.LossInputs(
         logprobs=logprobs,
@@ -207,25 +216,33 @@ def micro_batch_loss(params, ref_params, batch, denominators, graphdef, cfg: los
         # is exactly 1 at the update (its gradient is A * grad log p), as in on-policy GRPO.
         old_logprobs=jax.lax.stop_gradient(logprobs),
         ref_logprobs=ref_logprobs,
-        advantages=batch["advantages"],
+        advantages=batch.advantages,
         divergence=divergence,
-        distill_mask=batch["distill_mask"],
+        distill_mask=batch.distill_mask,
         credit=credit,
         entropy=entropy,
     )
     loss, metrics = losses.objective(inputs, cfg, denominators=denominators)
-    gap = jnp.abs(batch["sampler_logprobs"] - jax.lax.stop_gradient(logprobs)) * mask
+    gap = jnp.abs(batch.sampler_logprobs - jax.lax.stop_gradient(logprobs)) * mask
     metrics["sampler_logprob_gap"] = gap.sum() / jnp.maximum(mask.sum(), 1.0)
     return loss, (metrics, jnp.zeros_like(logprobs) if credit is None else credit)
 
 
 ADDITIVE_METRICS = ("loss", "pg_loss", "distill_loss", "ref_kl")
-# Independent random streams, each folded with the step (see Run.key / Run.rng).
+# Independent random streams, each folded with the step (see step_key / step_rng).
 STREAM_SAMPLE, STREAM_PEERS, STREAM_EVAL, STREAM_WARMUP = range(4)
 
 
 def update_step(
-    state: TrainState, ref_params, batch, *, graphdef, optimizer, cfg: losses.LossConfig, micro_batches: int, mesh=None
+    state: TrainState,
+    ref_params,
+    batch: batch_lib.TrainBatch,
+    *,
+    graphdef,
+    optimizer,
+    cfg: losses.LossConfig,
+    micro_batches: int,
+    mesh=None,
 ):
     """One optimizer step over a whole batch of B rollouts, accumulated over `micro_batches`.
 
@@ -233,8 +250,7 @@ def update_step(
     every micro-batch is too. Gradients accumulate in float32. Returns (new state, metrics,
     per-token credit [B, T_resp] in the batch's row order).
     """
-    full = losses.LossInputs(logprobs=batch["response_mask"], mask=batch["response_mask"], distill_mask=batch["distill_mask"])
-    denominators = losses.loss_denominators(full, cfg)
+    denominators = losses.loss_denominators(batch.response_mask, batch.distill_mask, cfg)
     split = jax.tree.map(lambda x: x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
     grad_fn = jax.grad(micro_batch_loss, has_aux=True)
 
@@ -259,38 +275,27 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
 
-def sft_step(state: TrainState, batch, *, graphdef, optimizer, chunk_size: int):
-    """One supervised step: mean negative log-likelihood of the response tokens, read both in
-    the student's format and in the teacher's (batch["student"], batch["teacher"])."""
-
-    def nll(params, rows):
-        hidden = response_hidden(graphdef, params, rows)
-        logprobs, _ = losses.token_logprobs(hidden, _head(graphdef, params), batch["response_tokens"], chunk_size=chunk_size)
-        mask = batch["response_mask"]
-        return -(logprobs * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-
-    loss_fn = lambda params: (nll(params, batch["student"]) + nll(params, batch["teacher"])) / 2
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), loss
-
-
 # ------------------------------------------------------------------------------------------------
-# Host side of a step
+# The loop
 # ------------------------------------------------------------------------------------------------
 
 
-def rows_dict(batch) -> dict[str, np.ndarray]:
-    """The model inputs of a `StudentBatch` / `TeacherBatch` as a dict."""
-    return {k: getattr(batch, k) for k in ("tokens", "positions", "gather_index")}
+def step_key(seed: int, stream: int, step: int) -> jax.Array:
+    """The PRNG key of `stream` at `step`: a resumed run draws what an uninterrupted one would."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream), step)
 
 
-def pad_to(x: np.ndarray, length: int) -> np.ndarray:
-    """Right-pads (or crops) the last axis of [B, T] to `length` with zeros."""
-    out = np.zeros((x.shape[0], length), x.dtype)
-    n = min(length, x.shape[1])
-    out[:, :n] = x[:, :n]
-    return out
+def step_rng(seed: int, stream: int, step: int) -> np.random.Generator:
+    """The host generator of `stream` at `step` (as `step_key`)."""
+    return np.random.default_rng([seed, stream, step])
+
+
+@contextlib.contextmanager
+def timed(times: dict[str, float], name: str):
+    """Sets `times[name]` to the seconds the block took."""
+    start = time.perf_counter()
+    yield
+    times[name] = time.perf_counter() - start
 
 
 class Run:
@@ -304,15 +309,15 @@ class Run:
         os.makedirs(self.workdir, exist_ok=True)
         self.mesh = sharding.make_mesh(tuple(c.mesh.shape))
         self.tokenizer = load_tokenizer(c, self.workdir)
-        self.template = hindsight.encode_template(self.tokenizer, self.teacher_template())
+        self.template = hindsight.encode_template(self.tokenizer, teacher_template(c))
         self.model_cfg = model_config(c, self.tokenizer)
         self.graphdef, params = initial_params(c, self.model_cfg, self.mesh)
         self.ref_params = jax.tree.map(jnp.copy, params) if self.loss_cfg.beta > 0 else None
         self.optimizer = make_optimizer(c)
         self.state = jax.jit(init_state, static_argnums=1)(params, self.optimizer)
-        self.sampling_cfg = self.make_sampling_config()
+        self.sampling_cfg = rollout.sampling_config(c.sampling, self.tokenizer)
         self.data_kind = "math" if c.data.kind == "toy" else c.data.kind
-        self.train_files, self.eval_files = self.data_files()
+        self.train_files, self.eval_files = data_files(c, self.workdir)
         self.dataset, stats = data.prompt_dataset(
             self.train_files, self.data_kind, self.tokenizer,
             batch_size=c.data.questions_per_step // jax.process_count(), max_prompt_len=c.data.max_prompt_len,
@@ -327,128 +332,38 @@ class Run:
                            micro_batches=c.data.questions_per_step * c.sampling.group_size // c.train.micro_batch)
         self.update = jax.jit(partial(update_step, **jit_options), donate_argnums=0)
 
-    # -- setup helpers -------------------------------------------------------------------------
-
-    def teacher_template(self) -> hindsight.TeacherTemplate:
-        """Qwen3's chat turns; with thinking off the assistant turn opens with an empty think block."""
-        template = hindsight.TeacherTemplate(**self.config.hindsight.template.to_dict())
-        if not self.config.data.enable_thinking:
-            template = dataclasses.replace(template, assistant_open=template.assistant_open + "<think>\n\n</think>\n\n")
-        return template
-
-    def make_sampling_config(self) -> sampling.SamplingConfig:
-        s = self.config.sampling
-        eos = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-        eos = tuple(sorted({i for i in eos if i is not None and i != self.tokenizer.unk_token_id} | {self.tokenizer.eos_token_id}))
-        return sampling.SamplingConfig(
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
-            eos_ids=eos, n=s.group_size, cache_dtype=s.cache_dtype, pad_id=self.tokenizer.pad_token_id or 0,
-        )
-
-    def data_files(self) -> tuple[list[str], list[str]]:
-        """Train and eval files; the toy task writes its own into the workdir."""
-        d = self.config.data
-        if d.kind == "toy":
-            train = data.write_toy_dataset(os.path.join(self.workdir, "toy_train.jsonl"), d.toy_examples, self.config.seed)
-            evals = data.write_toy_dataset(os.path.join(self.workdir, "toy_eval.jsonl"), 64, self.config.seed + 1)
-            return [train], [evals]
-        split = lambda files: [f for f in files.split(",") if f]
-        return split(d.train_files), split(d.eval_files)
-
-    # -- one step ------------------------------------------------------------------------------
-
-    def question_tokens(self, examples) -> list[np.ndarray]:
-        """The user-turn content of each example (question + instruction), encoded."""
-        contents = [data.user_content(ex["question"], self.data_kind) for ex in examples]
-        return hindsight.encode_texts(self.tokenizer, contents)
-
-    def key(self, stream: int) -> jax.Array:
-        """The PRNG key of `stream` at the current step: a resumed run draws what an uninterrupted one would."""
-        return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), stream), int(self.state.step))
-
-    def rng(self, stream: int) -> np.random.Generator:
-        return np.random.default_rng([self.config.seed, stream, int(self.state.step)])
-
-    def sample(self, questions: list[np.ndarray], key: jax.Array, n: int | None = None) -> sampling.Rollouts:
-        """n (default G) rollouts per question, generated `sampling.rows_per_call` rows at a time."""
+    def sample(self, questions: list[np.ndarray], stream: int, n: int | None = None) -> sampling.Rollouts:
+        """n (default G) rollouts per question from the current policy, with `stream`'s key at this step."""
         cfg = self.sampling_cfg if n is None else dataclasses.replace(self.sampling_cfg, n=n)
-        prompts = [hindsight.student_prompt(self.template, q) for q in questions]
-        per_call = max(1, self.config.sampling.rows_per_call // cfg.n)
-        chunks = [
-            sampling.generate(self.graphdef, self.state.params, prompts[i : i + per_call], jax.random.fold_in(key, i), cfg, mesh=self.mesh)
-            for i in range(0, len(prompts), per_call)
-        ]
-        return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts]), *chunks)
+        key = step_key(self.config.seed, stream, int(self.state.step))
+        return rollout.sample(self.graphdef, self.state.params, self.template, questions, key, cfg,
+                              rows_per_call=self.config.sampling.rows_per_call, mesh=self.mesh)
 
-    def responses(self, rollouts) -> list[np.ndarray]:
-        tokens, lengths = np.asarray(rollouts.tokens), np.asarray(rollouts.lengths)
-        return [tokens[b, : lengths[b]] for b in range(len(lengths))]
-
-    def score(self, scorer, examples, rollouts) -> tuple[np.ndarray, list[str]]:
-        texts = self.tokenizer.batch_decode(self.responses(rollouts), skip_special_tokens=True)
-        return scorer(examples, texts, truncated=np.asarray(rollouts.truncated))
-
-    def build_batch(self, examples, questions, rollouts, rewards_):
-        """Host arrays of one step: student + teacher rows, targets, masks, advantages."""
-        c, G = self.config, self.config.sampling.group_size
-        responses = self.responses(rollouts)
-        mean_logprob = np.asarray(rollouts.logprobs).sum(1) / np.maximum(np.asarray(rollouts.lengths), 1)
-        peers = hindsight.select_peers(
-            rewards_.reshape(-1, G), rule=c.hindsight.peer_rule, rng=self.rng(STREAM_PEERS),
-            lengths=np.asarray(rollouts.lengths).reshape(-1, G), mean_logprobs=mean_logprob.reshape(-1, G),
-        )
-        student = hindsight.build_student_batch(self.template, questions, responses, buckets=c.hindsight.buckets)
-        teacher = hindsight.build_teacher_batch(
-            self.template, questions, responses, mode=c.hindsight.context, buckets=c.hindsight.buckets,
-            answers=hindsight.encode_texts(self.tokenizer, [str(ex.get("answer", "")) for ex in examples]),
-            solutions=hindsight.encode_texts(self.tokenizer, [ex.get("solution") for ex in examples]),
-            peer_index=peers, strip_think_block=c.hindsight.strip_think, max_len=c.hindsight.max_teacher_len,
-        )
-        advantages, keep = losses.rollout_advantages(
-            jnp.asarray(rewards_).reshape(-1, G), jnp.asarray(rollouts.lengths).reshape(-1, G), self.loss_cfg
-        )
-        T_resp = student.response_tokens.shape[1]
-        batch = dict(
-            student=rows_dict(student),
-            teacher=rows_dict(teacher),
-            response_tokens=student.response_tokens,
-            response_mask=student.response_mask * np.asarray(keep).reshape(-1, 1),
-            distill_mask=teacher.distill_mask,
-            advantages=np.asarray(advantages, np.float32).reshape(-1),
-            sampler_logprobs=pad_to(np.asarray(rollouts.logprobs, np.float32), T_resp),
-        )
-        return batch, peers, teacher
-
-    def place(self, batch):
-        """Host arrays -> device arrays sharded over the batch axis of the mesh."""
-        return jax.tree.map(
-            lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim, batch_size=x.shape[0])), batch
-        )
-
-    def train_step(self, scorer) -> dict[str, float]:
+    def train_step(self, scorer: rewards.Scorer) -> dict[str, float]:
+        """One RL step: rollout -> batch -> update. Returns its metrics, with the seconds of each phase."""
         G = self.config.sampling.group_size
         times = {}
-        start = time.perf_counter()
-        examples = next(self.data_iter)
-        questions = self.question_tokens(examples)
-        rollouts = self.sample(questions, self.key(STREAM_SAMPLE))
-        times["sample_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        rewards_, reasons = self.score(scorer, examples, rollouts)
-        times["score_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        batch, peers, teacher = self.build_batch(examples, questions, rollouts, rewards_)
-        times["build_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        self.state, metrics, credit = self.update(self.state, self.ref_params, self.place(batch))
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        times["update_s"] = time.perf_counter() - start
-        lengths = np.asarray(rollouts.lengths)
-        metrics.update(
-            hindsight.divergence_metrics(
-                rewards_.reshape(-1, G), self.responses(rollouts), peers, np.asarray(credit), batch["response_mask"]
+        with timed(times, "sample_s"):
+            examples = next(self.data_iter)
+            questions = rollout.question_tokens(self.tokenizer, examples, self.data_kind)
+            rollouts = self.sample(questions, STREAM_SAMPLE)
+        with timed(times, "score_s"):
+            rewards_, _ = rollout.score(scorer, self.tokenizer, examples, rollouts)
+        with timed(times, "build_s"):
+            responses = rollout.responses(rollouts)
+            answers, solutions = rollout.reference_tokens(self.tokenizer, examples)
+            train_batch, peers, teacher = batch_lib.from_rollouts(
+                self.template, questions, answers, solutions, rollouts, responses, rewards_,
+                hindsight_cfg=self.config.hindsight, loss_cfg=self.loss_cfg,
+                rng=step_rng(self.config.seed, STREAM_PEERS, int(self.state.step)),
             )
-        )
+        with timed(times, "update_s"):
+            placed = batch_lib.place(train_batch, self.mesh)
+            self.state, metrics, credit = self.update(self.state, self.ref_params, placed)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        lengths = np.asarray(rollouts.lengths)
+        credit, mask = np.asarray(credit), train_batch.response_mask
+        metrics.update(hindsight.divergence_metrics(rewards_.reshape(-1, G), responses, peers, credit, mask))
         metrics.update(
             reward=float(rewards_.mean()),
             response_length=float(lengths.mean()),
@@ -459,7 +374,36 @@ class Run:
         )
         return metrics
 
-    # -- the loop ------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """The supervised warm-up (warmup.py), then fresh optimizer state; with a reference KL the
+        warmed-up policy becomes its pi_0 (saved for resumes)."""
+        c = self.config
+        make_batch = partial(
+            warmup.warmup_batch, tokenizer=self.tokenizer, template=self.template, eos_id=self.sampling_cfg.eos_ids[0],
+            kind=self.data_kind, hindsight_cfg=c.hindsight,
+        )
+        params = warmup.sft_warmup(
+            self.graphdef, self.state.params, data.load_rows(self.train_files, self.data_kind)[0], make_batch,
+            steps=c.train.sft_warmup_steps, learning_rate=c.train.sft_learning_rate,
+            rows_per_step=c.data.questions_per_step * c.sampling.group_size // 2, chunk_size=self.loss_cfg.chunk_size,
+            mesh=self.mesh, rng=np.random.default_rng([c.seed, STREAM_WARMUP]),
+        )
+        self.state = jax.jit(init_state, static_argnums=1)(params, self.optimizer)
+        if self.ref_params is not None:
+            self.ref_params = jax.tree.map(jnp.copy, params)
+            save_params(self.warmup_path, params)
+
+    def evaluate(self, scorer: rewards.Scorer) -> dict[str, float]:
+        """avg@n / pass@1 on the eval files at the sampling temperature."""
+        n = self.config.train.eval_samples
+        examples = data.encode_prompts(
+            data.load_rows(self.eval_files, self.data_kind)[0], self.tokenizer, self.data_kind,
+            max_prompt_len=self.config.data.max_prompt_len, template=self.config.data.template,
+            enable_thinking=self.config.data.enable_thinking,
+        )
+        rollouts = self.sample(rollout.question_tokens(self.tokenizer, examples, self.data_kind), STREAM_EVAL, n=n)
+        rewards_, _ = rollout.score(scorer, self.tokenizer, examples, rollouts)
+        return {f"eval/{k}": v for k, v in evaluate.summarize(rewards_.reshape(-1, n)).items()}
 
     def checkpoint(self) -> None:
         step = int(self.state.step)
@@ -487,59 +431,8 @@ class Run:
         shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
         print(f"step {step}/{self.config.train.steps} {shown}", flush=True)
 
-    def evaluate(self, scorer) -> dict[str, float]:
-        """avg@n / pass@1 on the eval files at the sampling temperature."""
-        n = self.config.train.eval_samples
-        examples = data.encode_prompts(
-            data.load_rows(self.eval_files, self.data_kind)[0], self.tokenizer, self.data_kind,
-            max_prompt_len=self.config.data.max_prompt_len, template=self.config.data.template,
-            enable_thinking=self.config.data.enable_thinking,
-        )
-        rollouts = self.sample(self.question_tokens(examples), self.key(STREAM_EVAL), n=n)
-        rewards_, _ = self.score(scorer, examples, rollouts)
-        return {f"eval/{k}": v for k, v in evaluate.summarize(rewards_.reshape(-1, n)).items()}
-
-    def sft_warmup(self) -> None:
-        """Supervised steps on reference solutions (the toy task's worked solutions).
-
-        A tiny random model cannot read a privileged context it has never seen, so each
-        solution is also learned in the teacher's format: after the question, the answer and a
-        successful demonstration (here the solution itself), as HSD's teacher will see them.
-        """
-        c = self.config
-        optimizer = optax.adam(c.train.sft_learning_rate)
-        state = jax.jit(init_state, static_argnums=1)(self.state.params, optimizer)
-        step_fn = jax.jit(partial(sft_step, graphdef=self.graphdef, optimizer=optimizer, chunk_size=self.loss_cfg.chunk_size))
-        rows = data.load_rows(self.train_files, self.data_kind)[0]
-        if not all(r.get("solution") for r in rows):
-            raise ValueError("config.train.sft_warmup_steps > 0 needs a 'solution' in every training row; set it to 0.")
-        rng = np.random.default_rng([c.seed, STREAM_WARMUP])
-        eos = self.sampling_cfg.eos_ids[0]
-        pairs = c.data.questions_per_step * c.sampling.group_size // 2
-        start = time.perf_counter()
-        for i in range(c.train.sft_warmup_steps):
-            picked = [rows[j] for j in rng.integers(0, len(rows), pairs)]
-            questions = self.question_tokens(picked)
-            solutions = hindsight.encode_texts(self.tokenizer, [r["solution"] for r in picked])
-            responses = [np.append(s, eos) for s in solutions for _ in range(2)]  # groups of 2 successes
-            student = hindsight.build_student_batch(self.template, questions, responses, buckets=c.hindsight.buckets)
-            teacher = hindsight.build_teacher_batch(
-                self.template, questions, responses, mode="peer_answer", buckets=c.hindsight.buckets,
-                answers=hindsight.encode_texts(self.tokenizer, [str(r["answer"]) for r in picked]),
-                peer_index=np.tile([1, 0], (pairs, 1)), strip_think_block=c.hindsight.strip_think,
-            )
-            batch = dict(student=rows_dict(student), teacher=rows_dict(teacher),
-                         response_tokens=student.response_tokens, response_mask=student.response_mask)
-            state, loss = step_fn(state, self.place(batch))
-            if (i + 1) % 50 == 0 or i + 1 == c.train.sft_warmup_steps:
-                print(f"sft warm-up {i + 1}/{c.train.sft_warmup_steps} nll={float(loss):.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
-        params = state.params
-        self.state = jax.jit(init_state, static_argnums=1)(params, self.optimizer)
-        if self.ref_params is not None:  # pi_0 of the reference KL is the warmed-up policy
-            self.ref_params = jax.tree.map(jnp.copy, params)
-            save_params(self.warmup_path, params)
-
     def train(self) -> None:
+        """Resume or warm up (and evaluate pi_0), then RL steps with eval, logging and checkpoints."""
         c = self.config
         print(
             f"hsd-jax: loss={c.loss.name} context={c.hindsight.context} model={self.model_cfg.num_hidden_layers} layers "
@@ -551,7 +444,7 @@ class Run:
             with rewards.Scorer(c.data.kind) as scorer:
                 if not self.resume():
                     if c.train.sft_warmup_steps:
-                        self.sft_warmup()
+                        self.warm_up()
                     if c.train.eval_every:
                         self.log(self.evaluate(scorer))
                 while int(self.state.step) < c.train.steps:

@@ -432,7 +432,7 @@ def test_objective_accumulates_like_one_batch(name):
     cfg = L.preset(name, max_response_length=8, overlong_buffer=0)
     b = make_batch(13)
     full = loss_inputs(b, f32(b["logp"]), f32(b["div"]))
-    dens = L.loss_denominators(full, cfg)
+    dens = L.loss_denominators(full.mask, full.distill_mask, cfg)
     value_and_grad = jax.jit(jax.value_and_grad(
         lambda inp, d: L.objective(inp, cfg, denominators=d)[0]))
     total, grads = 0.0, []

@@ -4,13 +4,14 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 import torch
 from flax import nnx
 
-from hsd_jax import hindsight, losses, trainer
+from hsd_jax import batch, data, hindsight, losses, sharding, trainer, warmup
 from models import hf
 from tests.hf_reference import make_checkpoint
 
@@ -41,13 +42,14 @@ def setup(tmp_path_factory):
     student = hindsight.build_student_batch(template, questions, responses, buckets=8)
     teacher = hindsight.build_teacher_batch(template, questions, responses, mode="peer_answer", answers=answers,
                                             peer_index=peers, buckets=8)
-    batch = dict(
-        student=trainer.rows_dict(student), teacher=trainer.rows_dict(teacher),
+    rows = lambda r: batch.ModelRows(tokens=r.tokens, positions=r.positions, gather_index=r.gather_index)
+    train_batch = batch.TrainBatch(
+        student=rows(student), teacher=rows(teacher),
         response_tokens=student.response_tokens, response_mask=student.response_mask,
         distill_mask=teacher.distill_mask, advantages=rng.normal(size=8).astype(np.float32),
         sampler_logprobs=np.zeros(student.response_tokens.shape, np.float32),
     )
-    return dict(reference=reference, graphdef=graphdef, params=params, batch=batch, student=student,
+    return dict(reference=reference, graphdef=graphdef, params=params, batch=train_batch, student=student,
                 teacher=teacher, questions=questions, responses=responses, template=template)
 
 
@@ -100,6 +102,75 @@ def test_micro_batches_accumulate_to_the_full_batch_update(setup, name):
     assert moved > 0
     for a, b in zip(full, split):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_assemble_folds_keep_into_the_mask_and_pads_the_rl_fields(setup):
+    s = setup
+    peers = np.array([[3, -1, -1, 0], [-1, -1, -1, -1]])
+    answers = [np.array([5, 6]), np.array([7])]
+    keep = np.array([True] * 4 + [False] * 4)
+    advantages = np.arange(8, dtype=np.float64).reshape(2, 4)
+    sampler = np.random.default_rng(1).normal(size=(8, 4))
+    rl, teacher = batch.assemble(s["template"], s["questions"], s["responses"], peers, answers, context="peer_answer",
+                                 buckets=8, strip_think=False, advantages=advantages, keep=keep,
+                                 sampler_logprobs=sampler)
+    sft, _ = batch.assemble(s["template"], s["questions"], s["responses"], peers, answers, context="peer_answer",
+                            buckets=8, strip_think=False)
+    lengths = [len(r) for r in s["responses"]]
+    real = np.arange(16)[None] < np.array(lengths)[:, None]  # T_resp: the bucket of 9 tokens
+    np.testing.assert_array_equal(rl.response_mask, real * keep[:, None])
+    np.testing.assert_array_equal(sft.response_mask, real)
+    np.testing.assert_array_equal(rl.advantages, np.arange(8, dtype=np.float32))
+    assert rl.advantages.dtype == np.float32 and rl.sampler_logprobs.dtype == np.float32
+    np.testing.assert_allclose(rl.sampler_logprobs[:, :4], sampler.astype(np.float32))
+    assert not rl.sampler_logprobs[:, 4:].any() and not sft.sampler_logprobs.any() and not sft.advantages.any()
+    np.testing.assert_array_equal(rl.distill_mask, np.ones(8))
+    assert teacher.tokens.shape[0] == 8
+    for b, response in enumerate(s["responses"]):
+        np.testing.assert_array_equal(rl.response_tokens[b, : lengths[b]], response)
+        prompt = hindsight.student_prompt(s["template"], s["questions"][b // 4])
+        student_row = np.concatenate([prompt, response])
+        np.testing.assert_array_equal(rl.student.tokens[b, : len(student_row)], student_row)
+        for rows in (rl.student, rl.teacher):  # the hidden state at gather_index predicts the next token
+            np.testing.assert_array_equal(rows.tokens[b, rows.gather_index[b, : lengths[b]] + 1], response)
+
+
+def test_warmup_batch_learns_each_solution_as_two_peers_in_both_formats(setup):
+    s = setup
+    tokenizer, eos = CharTokenizer(), 63
+    rows = [{"question": "1+1", "answer": "2", "solution": "1+1=2"},
+            {"question": "3*3", "answer": "9", "solution": "9"}]
+    config = ml_collections.ConfigDict(dict(buckets=8, strip_think=False))
+    warm = warmup.warmup_batch(rows, tokenizer, s["template"], eos_id=eos, kind="math", hindsight_cfg=config)
+    assert warm.response_tokens.shape[0] == 4
+    for b in range(4):
+        row = rows[b // 2]
+        response = tokenizer.encode(row["solution"]) + [eos]
+        np.testing.assert_array_equal(warm.response_tokens[b, : len(response)], response)
+        question = data.user_content(row["question"], "math")
+        # the teacher reads the answer and the peer's rollout, which is the same solution
+        prefix = (tokenizer.encode(f"<u>{question}[A:{row['answer']}][D:{row['solution']}") + [eos]
+                  + tokenizer.encode("]!</u><a>"))
+        expected = prefix + response
+        np.testing.assert_array_equal(warm.teacher.tokens[b, : len(expected)], expected)
+        assert not warm.teacher.tokens[b, len(expected):].any()
+    np.testing.assert_array_equal(warm.distill_mask, np.ones(4))
+
+
+def test_place_splits_every_field_over_the_batch_axes(setup):
+    mesh = sharding.make_mesh((2, 4, 1))
+    placed = batch.place(setup["batch"], mesh)
+    assert isinstance(placed, batch.TrainBatch) and isinstance(placed.teacher, batch.ModelRows)
+    for host, device in zip(jax.tree.leaves(setup["batch"]), jax.tree.leaves(placed)):
+        assert {shard.data.shape[0] for shard in device.addressable_shards} == {1}  # 8 rows over 8 devices
+        np.testing.assert_array_equal(np.asarray(device), host)
+
+
+@pytest.mark.parametrize("name, needs", [("hsd", True), ("opsd", True), ("sdpo", True), ("grpo_opsd", True),
+                                         ("rlsd", True), ("grpo", False), ("dr_grpo", False), ("dapo", False),
+                                         ("gspo", False)])
+def test_needs_teacher(name, needs):
+    assert losses.preset(name).needs_teacher is needs
 
 
 def tiny_config(workdir, steps):

@@ -1,0 +1,80 @@
+"""Rollouts of one batch of questions, on the host side of a step: encode, sample, score.
+
+    examples --question_tokens--> Q questions --sample--> Q * G rollouts (host arrays)
+      --responses--> B token arrays --score--> rewards [B]
+
+Rows are group-major: rollout `b` answers question `b // G`. Sampling runs the jitted
+`sampling.generate` at most `rows_per_call` rows at a time, which bounds the KV cache.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from hsd_jax import data, hindsight, rewards, sampling
+
+
+def sampling_config(sampling_cfg: ml_collections.ConfigDict, tokenizer) -> sampling.SamplingConfig:
+    """The sampler settings of `config.sampling`; rows end at any of the tokenizer's end tokens."""
+    s = sampling_cfg
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    eos = tuple(sorted({i for i in eos if i is not None and i != tokenizer.unk_token_id} | {tokenizer.eos_token_id}))
+    return sampling.SamplingConfig(
+        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
+        eos_ids=eos, n=s.group_size, cache_dtype=s.cache_dtype, pad_id=tokenizer.pad_token_id or 0,
+    )
+
+
+def question_tokens(tokenizer, examples: Sequence[dict], kind: str) -> list[np.ndarray]:
+    """The user-turn content of each example (question + the `kind`'s instruction), encoded."""
+    return hindsight.encode_texts(tokenizer, [data.user_content(ex["question"], kind) for ex in examples])
+
+
+def reference_tokens(tokenizer, examples: Sequence[dict]) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """(answers, solutions) of the examples, encoded; "" for a missing answer, None for a missing solution."""
+    answers = hindsight.encode_texts(tokenizer, [str(ex.get("answer", "")) for ex in examples])
+    return answers, hindsight.encode_texts(tokenizer, [ex.get("solution") for ex in examples])
+
+
+def sample(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    template: hindsight.TemplateTokens,
+    questions: Sequence[np.ndarray],
+    key: jax.Array,
+    cfg: sampling.SamplingConfig,
+    *,
+    rows_per_call: int,
+    mesh: jax.sharding.Mesh,
+) -> sampling.Rollouts:
+    """`cfg.n` rollouts of each question's student prompt, as host (NumPy) `sampling.Rollouts` [Q * n].
+
+    Questions go to the sampler `max(1, rows_per_call // cfg.n)` at a time; the call starting at
+    question i draws with `fold_in(key, i)`.
+    """
+    prompts = [hindsight.student_prompt(template, q) for q in questions]
+    per_call = max(1, rows_per_call // cfg.n)
+    chunks = [
+        sampling.generate(graphdef, params, prompts[i : i + per_call], jax.random.fold_in(key, i), cfg, mesh=mesh)
+        for i in range(0, len(prompts), per_call)
+    ]
+    return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts]), *chunks)
+
+
+def responses(rollouts: sampling.Rollouts) -> list[np.ndarray]:
+    """The generated tokens of each row up to its length (its EOS included): B arrays."""
+    tokens, lengths = np.asarray(rollouts.tokens), np.asarray(rollouts.lengths)
+    return [tokens[b, : lengths[b]] for b in range(len(lengths))]
+
+
+def score(
+    scorer: rewards.Scorer, tokenizer, examples: Sequence[dict], rollouts: sampling.Rollouts
+) -> tuple[np.ndarray, list[str]]:
+    """Verifier rewards [B] in {0, 1} of the decoded responses (0 for truncated rows) and B reasons."""
+    texts = tokenizer.batch_decode(responses(rollouts), skip_special_tokens=True)
+    return scorer(examples, texts, truncated=np.asarray(rollouts.truncated))
