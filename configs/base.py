@@ -12,28 +12,23 @@ from ml_collections import config_dict
 
 from hsd_jax import losses
 
-# The teacher's privileged context and peer rule each loss preset implies (PAPER.md, baselines).
-CONTEXTS = {
-    "hsd": ("peer_answer", "uniform"),
-    "opsd": ("answer", "uniform"),
-    "grpo_opsd": ("answer", "uniform"),
-    "sdpo": ("peer", "first"),
-    "rlsd": ("answer", "uniform"),  # the teacher of RLSD's token weights sees the reference answer
-}
+def loss_fields() -> ml_collections.ConfigDict:
+    """`loss.name` plus every `LossConfig` field as an unset placeholder of its type.
 
-
-def loss_config(name: str) -> ml_collections.ConfigDict:
-    """The preset's `LossConfig` fields (None-valued ones as typed placeholders) plus its name."""
-    fields = dataclasses.asdict(losses.preset(name))
-    fields["top_k"] = config_dict.placeholder(int) if fields["top_k"] is None else fields["top_k"]
-    fields["dual_clip"] = config_dict.placeholder(float) if fields["dual_clip"] is None else fields["dual_clip"]
-    return ml_collections.ConfigDict({"name": name, **fields})
+    An unset field takes the value of the preset `loss.name` names when the run starts
+    (`hsd_jax.validation.resolve`); setting it, in a config file or as
+    `--config.loss.beta=1e-4`, overrides the preset.
+    """
+    fields = {"name": "hsd"}
+    for name, value in dataclasses.asdict(losses.LossConfig()).items():
+        kind = {"top_k": int, "dual_clip": float}.get(name, type(value))  # the two None defaults
+        fields[name] = config_dict.placeholder(kind)
+    return ml_collections.ConfigDict(fields)
 
 
 def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     """The paper's recipe for loss preset `variant` (default "hsd")."""
     name = variant or "hsd"
-    context, peer_rule = CONTEXTS.get(name, ("none", "uniform"))
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.workdir = "runs/" + name
@@ -55,20 +50,24 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
             template="chat",
             enable_thinking=True,
             toy_examples=0,  # kind=toy: problems generated into the workdir
+            # kind=code: run model-written programs under this process's own uid where the machine
+            # cannot give them one of their own (not root); they could then signal its processes
+            code_allow_same_uid=False,
         )
     )
     c.sampling = ml_collections.ConfigDict(
         dict(group_size=8, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=4096, cache_dtype="bfloat16",
              rows_per_call=256)  # rollouts generated per sampler call (bounds the KV cache)
     )
-    c.loss = loss_config(name)
+    c.loss = loss_fields()
+    c.loss.name = name
     # Tied to the sampler: logprobs are of the distribution it drew from, lengths its limit.
     c.loss.max_response_length = c.sampling.get_ref("max_new_tokens")
     c.loss.temperature = c.sampling.get_ref("temperature")
     c.hindsight = ml_collections.ConfigDict(
         dict(
-            context=context,
-            peer_rule=peer_rule,
+            context=config_dict.placeholder(str),  # unset: the loss preset's (validation.CONTEXTS)
+            peer_rule=config_dict.placeholder(str),
             max_teacher_len=4096 + 1024 + 4096 + 512,
             strip_think=False,  # HSD's teacher reads the peer's whole path, reasoning included
             # student/teacher/response lengths pad to the smallest bucket that fits: few shapes, few compiles
@@ -91,6 +90,7 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
             max_to_keep=3,
             eval_every=0,
             eval_samples=16,
+            max_skipped_updates=5,  # consecutive non-finite updates (each skipped) that stop the run
         )
     )
     return c

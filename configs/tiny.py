@@ -31,7 +31,6 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.data.enable_thinking = False
     c.sampling.max_new_tokens = 64
     c.sampling.cache_dtype = "float32"
-    c.loss.overlong_buffer = min(c.loss.overlong_buffer, c.sampling.max_new_tokens // 4)
     c.hindsight.max_teacher_len = 256
     c.hindsight.buckets = tuple(range(32, 513, 32))
     # A compact teacher context: the toy tokenizer spells most text character by character.

@@ -228,6 +228,10 @@ def strip_stops(tokens: Tokens, stops: Sequence[np.ndarray]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
+class TooLong(ValueError):
+    """A sequence longer than the largest padding bucket."""
+
+
 def bucket_length(n: int, buckets: int | Sequence[int]) -> int:
     """Padded length for `n` tokens: the next multiple of `buckets` (an int), or the smallest entry
     of `buckets` (a sequence, e.g. powers of two) that is >= n. At least 1."""
@@ -238,7 +242,7 @@ def bucket_length(n: int, buckets: int | Sequence[int]) -> int:
         return -(-n // buckets) * buckets
     fitting = [b for b in buckets if b >= n]
     if not fitting:
-        raise ValueError(f"{n} tokens exceed the largest bucket {max(buckets, default=0)}: add a larger bucket.")
+        raise TooLong(f"{n} tokens exceed the largest bucket {max(buckets, default=0)}: add a larger bucket.")
     return min(fitting)
 
 

@@ -120,6 +120,10 @@ class Reporter:
             tqdm.write(message, file=sys.stdout)
             sys.stdout.flush()
 
+    def start_steps(self) -> None:
+        """Starts the clock of the step lines' s/step and ETA (call when the RL steps begin)."""
+        self.started = time.perf_counter()
+
     def progress(self, total: int, description: str, initial: int = 0):
         """A tqdm bar with ETA on an interactive terminal (none in log files or on other processes)."""
         from tqdm import tqdm

@@ -9,7 +9,7 @@ Rows are group-major: rollout `b` answers question `b // G`. Sampling runs the j
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -51,18 +51,21 @@ def sample(
     *,
     rows_per_call: int,
     mesh: jax.sharding.Mesh,
+    progress: Callable[[int], Any] | None = None,
 ) -> sampling.Rollouts:
     """`cfg.n` rollouts of each question's student prompt, as host (NumPy) `sampling.Rollouts` [Q * n].
 
     Questions go to the sampler `max(1, rows_per_call // cfg.n)` at a time; the call starting at
-    question i draws with `fold_in(key, i)`.
+    question i draws with `fold_in(key, i)`. progress(questions_done_in_call) runs after each call.
     """
     prompts = [hindsight.student_prompt(template, q) for q in questions]
     per_call = max(1, rows_per_call // cfg.n)
-    chunks = [
-        sampling.generate(graphdef, params, prompts[i : i + per_call], jax.random.fold_in(key, i), cfg, mesh=mesh)
-        for i in range(0, len(prompts), per_call)
-    ]
+    chunks = []
+    for i in range(0, len(prompts), per_call):
+        part = prompts[i : i + per_call]
+        chunks.append(sampling.generate(graphdef, params, part, jax.random.fold_in(key, i), cfg, mesh=mesh))
+        if progress is not None:
+            progress(len(part))
     return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts]), *chunks)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -36,8 +35,9 @@ import optax
 from flax import nnx
 
 from hsd_jax import batch as batch_lib
-from hsd_jax import data, evaluate, hindsight, losses, rewards, rollout, sampling, sharding, warmup
+from hsd_jax import data, evaluate, hindsight, losses, reporting, rewards, rollout, sampling, sharding, validation, warmup
 from hsd_jax.checkpoint import Checkpointer, restore_params, save_params
+from hsd_jax.rewards.code import SandboxLimits
 from models import hf, qwen3
 
 logger = logging.getLogger(__name__)
@@ -56,61 +56,6 @@ class TrainState:
 # ------------------------------------------------------------------------------------------------
 # Configuration
 # ------------------------------------------------------------------------------------------------
-
-
-def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
-    """The `LossConfig` of `config.loss` (every field sweepable from the command line)."""
-    fields = config.loss.to_dict()
-    fields.pop("name")
-    return losses.LossConfig(**fields)
-
-
-def validate(config: ml_collections.ConfigDict, loss_cfg: losses.LossConfig) -> None:
-    """Checks the config before anything loads or compiles; errors name the field and the fix."""
-    c = config
-    if not c.model.path and not c.model.preset and not c.model.arch:
-        raise ValueError("config.model: set model.path (a local HF Qwen3 directory), model.preset or model.arch.")
-    if c.model.path and not os.path.isdir(c.model.path):
-        raise FileNotFoundError(f"config.model.path={c.model.path!r} is not a directory; point it at a local HF checkpoint.")
-    if c.data.kind != "toy" and not c.data.train_files:
-        raise ValueError(f"config.data.train_files is empty for data.kind={c.data.kind!r}; give JSONL/Parquet files.")
-    if c.hindsight.peer_rule not in hindsight.PEER_RULES:
-        raise ValueError(f"config.hindsight.peer_rule={c.hindsight.peer_rule!r}: use one of {hindsight.PEER_RULES}.")
-    if c.model.path and c.model.preset:
-        raise ValueError("config.model: set model.path or model.preset, not both (the checkpoint defines the architecture).")
-    if c.train.eval_every and c.data.kind != "toy" and not c.data.eval_files:
-        raise ValueError("config.train.eval_every > 0 needs config.data.eval_files (or set eval_every=0).")
-    if c.data.kind == "code" and c.hindsight.context in ("answer", "peer_answer"):
-        raise ValueError(
-            f"config.hindsight.context={c.hindsight.context!r} needs reference answers, which code rows do not have; "
-            "use 'peer' or 'none'."
-        )
-    if c.hindsight.context not in hindsight.CONTEXT_MODES:
-        raise ValueError(f"config.hindsight.context={c.hindsight.context!r}: use one of {hindsight.CONTEXT_MODES}.")
-    if (loss_cfg.w_sd > 0 or loss_cfg.rlsd_lambda > 0) and c.hindsight.context == "none":
-        raise ValueError(
-            f"config.loss.name={c.loss.name!r} needs a teacher but hindsight.context='none'; "
-            "set hindsight.context (e.g. 'peer_answer' for HSD, 'answer' for OPSD)."
-        )
-    rollouts = c.data.questions_per_step * c.sampling.group_size
-    if rollouts % c.train.micro_batch:
-        raise ValueError(
-            f"config.train.micro_batch={c.train.micro_batch} must divide the {rollouts} rollouts of a step "
-            f"(data.questions_per_step x sampling.group_size)."
-        )
-    if c.data.questions_per_step % jax.process_count():
-        raise ValueError(
-            f"config.data.questions_per_step={c.data.questions_per_step} must be a multiple of the "
-            f"{jax.process_count()} processes."
-        )
-    needed = c.data.max_prompt_len + c.sampling.max_new_tokens
-    if c.hindsight.context != "none" and c.hindsight.max_teacher_len < needed + 64:
-        raise ValueError(
-            f"config.hindsight.max_teacher_len={c.hindsight.max_teacher_len} leaves no room for the teacher's context: "
-            f"the question and rollout alone may take {needed} tokens; raise it (the recipe uses ~2 x that)."
-        )
-    if c.sampling.group_size < 2:
-        raise ValueError("config.sampling.group_size must be >= 2: peers and group advantages need a group.")
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -138,11 +83,20 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer) -> qwen3.Qwen3Config:
-    """Architecture + dtypes: from the checkpoint, the preset, or `model.arch` (random init)."""
+    """Architecture + dtypes: from the checkpoint (`model.path`; a preset beside it only documents
+    the expected architecture, with a warning where they differ), the preset, or `model.arch`
+    (random init)."""
     m = config.model
     options = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
     if m.path:
-        return qwen3.Qwen3Config.from_hf(m.path, **options)
+        loaded = qwen3.Qwen3Config.from_hf(m.path, **options)
+        if m.preset:
+            expected = qwen3.Qwen3Config.preset(m.preset, **options)
+            differ = [f.name for f in dataclasses.fields(loaded) if getattr(loaded, f.name) != getattr(expected, f.name)]
+            if differ:
+                logger.warning("config.model.path=%s differs from model.preset=%r in %s; the checkpoint's "
+                               "architecture is used", m.path, m.preset, ", ".join(differ))
+        return loaded
     if m.preset:
         return qwen3.Qwen3Config.preset(m.preset, **options)
     vocab = -(-len(tokenizer) // 128) * 128
@@ -175,8 +129,7 @@ def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[st
         train = data.write_toy_dataset(os.path.join(workdir, "toy_train.jsonl"), d.toy_examples, config.seed)
         evals = data.write_toy_dataset(os.path.join(workdir, "toy_eval.jsonl"), 64, config.seed + 1)
         return [train], [evals]
-    split = lambda files: [f for f in files.split(",") if f]
-    return split(d.train_files), split(d.eval_files)
+    return validation.split_files(d.train_files), validation.split_files(d.eval_files)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,8 +200,10 @@ def update_step(
     """One optimizer step over a whole batch of B rollouts, accumulated over `micro_batches`.
 
     Micro-batch m takes rows m, m + M, m + 2M, ... so that with the batch split over devices
-    every micro-batch is too. Gradients accumulate in float32. Returns (new state, metrics,
-    per-token credit [B, T_resp] in the batch's row order).
+    every micro-batch is too. Gradients accumulate in float32. A non-finite loss or gradient
+    never reaches the parameters: the update is skipped (params and optimizer state stay as
+    they were, bit for bit; the step still advances) and metrics["update_skipped"] is 1.
+    Returns (new state, metrics, per-token credit [B, T_resp] in the batch's row order).
     """
     denominators = losses.loss_denominators(batch.response_mask, batch.distill_mask, cfg)
     split = jax.tree.map(lambda x: x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -263,10 +218,14 @@ def update_step(
     grads, (metrics, credit) = jax.lax.scan(accumulate, zeros, split)
     metrics = {k: v.sum() if k in ADDITIVE_METRICS else v.mean() for k, v in metrics.items()}
     metrics["grad_norm"] = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    metrics["update_skipped"] = 1.0 - finite.astype(jnp.float32)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    keep_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(step=state.step + 1, params=keep_finite(params, state.params),
+                           opt_state=keep_finite(opt_state, state.opt_state))
     return new_state, metrics, credit.swapaxes(0, 1).reshape(-1, credit.shape[-1])
 
 
@@ -298,15 +257,27 @@ def timed(times: dict[str, float], name: str):
     times[name] = time.perf_counter() - start
 
 
+class NonFiniteUpdates(RuntimeError):
+    """`train.max_skipped_updates` consecutive updates had a non-finite loss or gradient."""
+
+
 class Run:
-    """One training run: the model, data, sampler, verifier and checkpoints of `config`."""
+    """One training run: the model, data, sampler, verifier, checkpoints and reports of `config`."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        self.config = c = config
-        self.loss_cfg = loss_config(c)
-        validate(c, self.loss_cfg)
+        self.config = c = validation.resolve(config)
+        self.loss_cfg = validation.validate(c)
         self.workdir = os.path.abspath(c.workdir)
-        os.makedirs(self.workdir, exist_ok=True)
+        self.data_kind = "math" if c.data.kind == "toy" else c.data.kind
+        self.train_files, self.eval_files = data_files(c, self.workdir)
+        try:
+            data.check_files(self.train_files, self.data_kind, "config.data.train_files")
+            if self.eval_files:
+                data.check_files(self.eval_files, self.data_kind, "config.data.eval_files")
+        except (FileNotFoundError, ValueError) as error:
+            raise validation.ConfigError(str(error)) from None
+        self.is_main = jax.process_index() == 0
+        self.reporter: reporting.Reporter | None = None
         self.mesh = sharding.make_mesh(tuple(c.mesh.shape))
         self.tokenizer = load_tokenizer(c, self.workdir)
         self.template = hindsight.encode_template(self.tokenizer, teacher_template(c))
@@ -316,28 +287,32 @@ class Run:
         self.optimizer = make_optimizer(c)
         self.state = jax.jit(init_state, static_argnums=1)(params, self.optimizer)
         self.sampling_cfg = rollout.sampling_config(c.sampling, self.tokenizer)
-        self.data_kind = "math" if c.data.kind == "toy" else c.data.kind
-        self.train_files, self.eval_files = data_files(c, self.workdir)
         self.dataset, stats = data.prompt_dataset(
             self.train_files, self.data_kind, self.tokenizer,
             batch_size=c.data.questions_per_step // jax.process_count(), max_prompt_len=c.data.max_prompt_len,
             seed=c.seed, template=c.data.template, enable_thinking=c.data.enable_thinking,
         )
-        print(f"data: {stats.summary()}", flush=True)
+        self.print(f"data: {stats.summary()}")
         self.data_iter = iter(self.dataset)
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), c.train.max_to_keep)
         self.warmup_path = os.path.join(self.workdir, "warmup_policy")
-        self.metrics_file = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
         jit_options = dict(graphdef=self.graphdef, optimizer=self.optimizer, cfg=self.loss_cfg, mesh=self.mesh,
                            micro_batches=c.data.questions_per_step * c.sampling.group_size // c.train.micro_batch)
         self.update = jax.jit(partial(update_step, **jit_options), donate_argnums=0)
 
-    def sample(self, questions: list[np.ndarray], stream: int, n: int | None = None) -> sampling.Rollouts:
+    def print(self, message: str) -> None:
+        """A line on stdout from process 0 (through the reporter once it exists, clear of progress bars)."""
+        if self.reporter is not None:
+            self.reporter.print(message)
+        elif self.is_main:
+            print(message, flush=True)
+
+    def sample(self, questions: list[np.ndarray], stream: int, n: int | None = None, progress=None) -> sampling.Rollouts:
         """n (default G) rollouts per question from the current policy, with `stream`'s key at this step."""
         cfg = self.sampling_cfg if n is None else dataclasses.replace(self.sampling_cfg, n=n)
         key = step_key(self.config.seed, stream, int(self.state.step))
         return rollout.sample(self.graphdef, self.state.params, self.template, questions, key, cfg,
-                              rows_per_call=self.config.sampling.rows_per_call, mesh=self.mesh)
+                              rows_per_call=self.config.sampling.rows_per_call, mesh=self.mesh, progress=progress)
 
     def train_step(self, scorer: rewards.Scorer) -> dict[str, float]:
         """One RL step: rollout -> batch -> update. Returns its metrics, with the seconds of each phase."""
@@ -364,6 +339,9 @@ class Run:
         lengths = np.asarray(rollouts.lengths)
         credit, mask = np.asarray(credit), train_batch.response_mask
         metrics.update(hindsight.divergence_metrics(rewards_.reshape(-1, G), responses, peers, credit, mask))
+        if self.reporter is not None:
+            tau = hindsight.divergence_positions(responses, peers)
+            self.reporter.add_credit_profile(hindsight.credit_profile(credit, mask, tau, (rewards_ < 1) & (tau >= 0)))
         metrics.update(
             reward=float(rewards_.mean()),
             response_length=float(lengths.mean()),
@@ -375,33 +353,47 @@ class Run:
         return metrics
 
     def warm_up(self) -> None:
-        """The supervised warm-up (warmup.py), then fresh optimizer state; with a reference KL the
-        warmed-up policy becomes its pi_0 (saved for resumes)."""
+        """The supervised warm-up (warmup.py) on the run's validated training examples, then fresh
+        optimizer state; with a reference KL the warmed-up policy becomes its pi_0 (saved for resumes)."""
         c = self.config
         make_batch = partial(
             warmup.warmup_batch, tokenizer=self.tokenizer, template=self.template, eos_id=self.sampling_cfg.eos_ids[0],
             kind=self.data_kind, hindsight_cfg=c.hindsight,
         )
-        params = warmup.sft_warmup(
-            self.graphdef, self.state.params, data.load_rows(self.train_files, self.data_kind)[0], make_batch,
-            steps=c.train.sft_warmup_steps, learning_rate=c.train.sft_learning_rate,
-            rows_per_step=c.data.questions_per_step * c.sampling.group_size // 2, chunk_size=self.loss_cfg.chunk_size,
-            mesh=self.mesh, rng=np.random.default_rng([c.seed, STREAM_WARMUP]),
-        )
+        examples, _ = data.prompt_examples(self.train_files, self.data_kind, self.tokenizer,
+                                           max_prompt_len=c.data.max_prompt_len, template=c.data.template,
+                                           enable_thinking=c.data.enable_thinking)
+        rows = warmup.rows_that_fit(examples, make_batch)
+        if len(rows) < len(examples):
+            logger.warning("sft warm-up: %d of %d rows skipped: their sequences exceed the largest bucket %d",
+                           len(examples) - len(rows), len(examples), max(np.atleast_1d(c.hindsight.buckets)))
+        steps = c.train.sft_warmup_steps
+        with self.reporter.progress(steps, "sft warm-up") as bar:
+            def on_step(done: int, loss: jax.Array) -> None:
+                bar.update(1)
+                if done % 50 == 0 or done == steps:
+                    self.print(f"sft warm-up {done}/{steps} nll={float(loss):.4f}")
+
+            params = warmup.sft_warmup(
+                self.graphdef, self.state.params, rows, make_batch,
+                steps=steps, learning_rate=c.train.sft_learning_rate,
+                rows_per_step=c.data.questions_per_step * c.sampling.group_size // 2, chunk_size=self.loss_cfg.chunk_size,
+                mesh=self.mesh, rng=np.random.default_rng([c.seed, STREAM_WARMUP]), on_step=on_step,
+            )
         self.state = jax.jit(init_state, static_argnums=1)(params, self.optimizer)
         if self.ref_params is not None:
             self.ref_params = jax.tree.map(jnp.copy, params)
             save_params(self.warmup_path, params)
 
     def evaluate(self, scorer: rewards.Scorer) -> dict[str, float]:
-        """avg@n / pass@1 on the eval files at the sampling temperature."""
-        n = self.config.train.eval_samples
-        examples = data.encode_prompts(
-            data.load_rows(self.eval_files, self.data_kind)[0], self.tokenizer, self.data_kind,
-            max_prompt_len=self.config.data.max_prompt_len, template=self.config.data.template,
-            enable_thinking=self.config.data.enable_thinking,
-        )
-        rollouts = self.sample(rollout.question_tokens(self.tokenizer, examples, self.data_kind), STREAM_EVAL, n=n)
+        """avg@n / pass@1 on the eval files' validated examples at the sampling temperature."""
+        c, n = self.config, self.config.train.eval_samples
+        examples, _ = data.prompt_examples(self.eval_files, self.data_kind, self.tokenizer,
+                                           max_prompt_len=c.data.max_prompt_len, template=c.data.template,
+                                           enable_thinking=c.data.enable_thinking)
+        questions = rollout.question_tokens(self.tokenizer, examples, self.data_kind)
+        with self.reporter.progress(len(questions), "eval") as bar:
+            rollouts = self.sample(questions, STREAM_EVAL, n=n, progress=bar.update)
         rewards_, _ = rollout.score(scorer, self.tokenizer, examples, rollouts)
         return {f"eval/{k}": v for k, v in evaluate.summarize(rewards_.reshape(-1, n)).items()}
 
@@ -409,10 +401,11 @@ class Run:
         step = int(self.state.step)
         self.checkpointer.save(step, self.state, self.data_iter.get_state(), self.config.to_dict())
 
-    def resume(self) -> bool:
+    def resume(self) -> int | None:
+        """Restores the latest checkpoint of the workdir, if any; returns its step."""
         step = self.checkpointer.latest_step()
         if step is None:
-            return False
+            return None
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
         self.state, data_state, saved = self.checkpointer.restore(step, abstract)
         if self.ref_params is not None and os.path.isdir(self.warmup_path):
@@ -420,47 +413,63 @@ class Run:
         self.data_iter.set_state(data_state)
         if saved.get("loss") != self.config.to_dict().get("loss"):
             logger.warning("resuming step %d with a different loss config than it was saved with", step)
-        print(f"resumed from {self.checkpointer.manager.directory} at step {step}", flush=True)
-        return True
-
-    def log(self, metrics: dict[str, float]) -> None:
-        step = int(self.state.step)
-        self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.metrics_file.flush()
-        keys = ("reward", "coverage", "loss", "divergence", "kl", "entropy", "credit_mass_w8", "response_length", "tokens_per_s")
-        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
-        print(f"step {step}/{self.config.train.steps} {shown}", flush=True)
+        self.print(f"resumed from {self.checkpointer.manager.directory} at step {step}")
+        return step
 
     def train(self) -> None:
-        """Resume or warm up (and evaluate pi_0), then RL steps with eval, logging and checkpoints."""
+        """Resume or warm up (and evaluate pi_0), then RL steps with eval, logging and checkpoints.
+
+        Raises NonFiniteUpdates after `train.max_skipped_updates` consecutive skipped updates.
+        """
         c = self.config
-        print(
+        self.print(
             f"hsd-jax: loss={c.loss.name} context={c.hindsight.context} model={self.model_cfg.num_hidden_layers} layers "
             f"x {self.model_cfg.hidden_size} ({qwen3.count_params(self.model_cfg) / 1e6:.1f}M params) "
-            f"mesh={dict(self.mesh.shape)} workdir={self.workdir}",
-            flush=True,
+            f"mesh={dict(self.mesh.shape)} workdir={self.workdir}"
         )
+        resumed = self.resume()
+        self.reporter = reporting.Reporter(self.workdir, c.train.steps, resume_step=resumed, enabled=self.is_main)
         try:
-            with rewards.Scorer(c.data.kind) as scorer:
-                if not self.resume():
+            limits = SandboxLimits(allow_same_uid=c.data.code_allow_same_uid)
+            with rewards.Scorer(c.data.kind, code_limits=limits) as scorer:
+                if resumed is None:
                     if c.train.sft_warmup_steps:
                         self.warm_up()
                     if c.train.eval_every:
-                        self.log(self.evaluate(scorer))
-                while int(self.state.step) < c.train.steps:
-                    metrics = self.train_step(scorer)
-                    step = int(self.state.step)
-                    evaluated = c.train.eval_every and step % c.train.eval_every == 0
-                    if evaluated:
-                        metrics.update(self.evaluate(scorer))
-                    if evaluated or step % c.train.log_every == 0 or step == c.train.steps:
-                        self.log(metrics)
-                    if step % c.train.checkpoint_every == 0 or step == c.train.steps:
-                        self.checkpoint()
+                        self.reporter.log(0, self.evaluate(scorer))
+                self.loop(scorer)
         finally:
             self.checkpointer.wait()
             self.checkpointer.close()
-            self.metrics_file.close()
+            self.reporter.plot()
+            self.reporter.close()
+
+    def loop(self, scorer: rewards.Scorer) -> None:
+        """RL steps from the current one to `train.steps`: update, eval, log, checkpoint, plots."""
+        c, skipped = self.config, 0
+        self.reporter.start_steps()
+        with self.reporter.progress(c.train.steps, "rl steps", initial=int(self.state.step)) as bar:
+            while int(self.state.step) < c.train.steps:
+                metrics = self.train_step(scorer)
+                step = int(self.state.step)
+                bar.update(1)
+                skipped = skipped + 1 if metrics["update_skipped"] else 0
+                if skipped:
+                    logger.warning("step %d: non-finite loss or gradient; the update was skipped (%d in a row)", step, skipped)
+                if skipped >= c.train.max_skipped_updates:
+                    raise NonFiniteUpdates(
+                        f"stopped at step {step}: {skipped} consecutive updates had a non-finite loss or gradient "
+                        f"(config.train.max_skipped_updates={c.train.max_skipped_updates}); the last checkpoint holds "
+                        "the last finite state. Lower optimizer.learning_rate or check the data.")
+                evaluated = c.train.eval_every and step % c.train.eval_every == 0
+                if evaluated:
+                    metrics.update(self.evaluate(scorer))
+                if evaluated or step % c.train.log_every == 0 or step == c.train.steps:
+                    self.reporter.log(step, metrics)
+                if step % c.train.checkpoint_every == 0 or step == c.train.steps:
+                    self.checkpoint()
+                if evaluated:
+                    self.reporter.plot()
 
 
 def train(config: ml_collections.ConfigDict) -> None:

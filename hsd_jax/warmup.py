@@ -9,7 +9,6 @@ successful rollouts (its solution twice), each the other's peer.
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from typing import Callable, Sequence
 
@@ -72,6 +71,18 @@ def warmup_batch(
     return batch
 
 
+def rows_that_fit(rows: Sequence[dict], make_batch: Callable[[list[dict]], batch_lib.TrainBatch]) -> list[dict]:
+    """The rows whose warm-up sequences (student and teacher) fit the largest bucket."""
+    fit = []
+    for row in rows:
+        try:
+            make_batch([row])
+        except hindsight.TooLong:
+            continue
+        fit.append(row)
+    return fit
+
+
 def sft_warmup(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -84,22 +95,24 @@ def sft_warmup(
     chunk_size: int,
     mesh: jax.sharding.Mesh,
     rng: np.random.Generator,
+    on_step: Callable[[int, jax.Array], None] | None = None,
 ) -> nnx.State:
     """`steps` Adam steps on batches of `rows_per_step` rows drawn by `rng`; returns the new params.
 
     make_batch: rows -> host `TrainBatch` (e.g. `warmup_batch` with its settings bound).
-    Prints the NLL every 50 steps and at the end.
+    on_step(steps_done, loss []) runs after each step (progress, logging).
     """
+    if not rows:
+        raise ValueError("config.train.sft_warmup_steps > 0 but no training row fits the warm-up's buckets; "
+                         "raise config.hindsight.buckets or set sft_warmup_steps=0.")
     if not all(r.get("solution") for r in rows):
         raise ValueError("config.train.sft_warmup_steps > 0 needs a 'solution' in every training row; set it to 0.")
     optimizer = optax.adam(learning_rate)
     opt_state = jax.jit(optimizer.init)(params)
     step_fn = jax.jit(partial(sft_step, graphdef=graphdef, optimizer=optimizer, chunk_size=chunk_size))
-    start = time.perf_counter()
     for i in range(steps):
         picked = [rows[j] for j in rng.integers(0, len(rows), rows_per_step)]
         params, opt_state, loss = step_fn(params, opt_state, batch_lib.place(make_batch(picked), mesh))
-        if (i + 1) % 50 == 0 or i + 1 == steps:
-            seconds = time.perf_counter() - start
-            print(f"sft warm-up {i + 1}/{steps} nll={float(loss):.4f} ({seconds:.0f} s)", flush=True)
+        if on_step is not None:
+            on_step(i + 1, loss)
     return params
