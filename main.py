@@ -3,6 +3,7 @@
     python main.py                                   # configs/tiny.py: CPU, toy task, minutes
     python main.py --config configs/qwen3_32b.py --config.model.path=/models/Qwen3-32B ...
     python main.py --config configs/qwen3_8b.py:grpo --config.loss.beta=1e-4
+    python main.py --coordinator_address=10.0.0.1:1234 --num_processes=4 --process_id=$RANK ...
 
 A config error prints one line naming the field and exits with status 2, before anything loads;
 a run stopped by repeated non-finite updates exits with status 1.
@@ -14,6 +15,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config (file[:variant]).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-process run started by hand "
+    "(TPU pods, SLURM and Open MPI jobs are detected without it).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 _LOG_LEVEL = flags.DEFINE_enum(
     "log_level", "warning", ["debug", "info", "warning", "error"],
     "Library log level (absl, JAX, Orbax); 'info' brings back their INFO lines.",
@@ -23,7 +29,9 @@ _LOG_LEVEL = flags.DEFINE_enum(
 def main(argv):
     del argv
     logging.set_verbosity(_LOG_LEVEL.value)
-    from hsd_jax import trainer, validation
+    from hsd_jax import sharding, trainer, validation
+
+    sharding.initialize_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
     try:
         trainer.train(_CONFIG.value)

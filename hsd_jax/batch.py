@@ -153,10 +153,15 @@ def from_rollouts(
     G = len(responses) // len(questions)
     lengths = np.asarray(rollouts.lengths)
     mean_logprob = np.asarray(rollouts.logprobs).sum(1) / np.maximum(lengths, 1)
-    peers = hindsight.select_peers(
-        rewards.reshape(-1, G), rule=h.peer_rule, rng=rng,
-        lengths=lengths.reshape(-1, G), mean_logprobs=mean_logprob.reshape(-1, G),
+    # Peers are drawn over every process's groups with the same rng, then each process keeps its
+    # own: the draw does not depend on how many processes share the batch.
+    every = sharding.gather_rows(dict(rewards=rewards, lengths=lengths, mean_logprob=mean_logprob))
+    all_peers = hindsight.select_peers(
+        every["rewards"].reshape(-1, G), rule=h.peer_rule, rng=rng,
+        lengths=every["lengths"].reshape(-1, G), mean_logprobs=every["mean_logprob"].reshape(-1, G),
     )
+    first = jax.process_index() * len(questions)
+    peers = all_peers[first : first + len(questions)]
     advantages, keep = losses.rollout_advantages(
         jnp.asarray(rewards).reshape(-1, G), jnp.asarray(lengths).reshape(-1, G), loss_cfg
     )
@@ -169,9 +174,15 @@ def from_rollouts(
 
 
 def place(batch: TrainBatch, mesh: jax.sharding.Mesh) -> TrainBatch:
-    """Host arrays -> device arrays split over the batch axes of `mesh` (single process)."""
-    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim, batch_size=x.shape[0]))
-    return jax.tree.map(put, batch)
+    """Host arrays -> global device arrays split over the batch axes of `mesh`.
+
+    Multi-process: each process passes its own rows; every padded length is first raised to the
+    largest any process has (zero padding, like the buckets'), so all agree on the shapes.
+    """
+    leaves, treedef = jax.tree.flatten(batch)
+    lengths = sharding.agree_max([x.shape[1] if x.ndim > 1 else 0 for x in leaves])
+    leaves = [pad_to(x, int(n)) if x.ndim > 1 and x.shape[1] != n else x for x, n in zip(leaves, lengths)]
+    return treedef.unflatten([sharding.host_to_global(x, mesh) for x in leaves])
 
 
 # ------------------------------------------------------------------------------------------------

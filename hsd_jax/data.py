@@ -13,9 +13,11 @@ them.
 
 An example (what a batch holds, a list of `batch_size` of them) is the validated row plus
 `"prompt"` (the rendered text) and `"prompt_ids"` (list[int]); treat it as read-only. Batches come
-from a grain pipeline: rows sharded by JAX process (row i goes to process i % process_count),
-shuffled by seed, repeated for `num_epochs` (None: forever, reshuffled every epoch), batched with
-the remainder dropped. `iter(dataset)` has `get_state()` / `set_state()`: restoring a state taken
+from a grain pipeline: all examples shuffled by seed, repeated for `num_epochs` (None: forever,
+reshuffled every epoch), cut into global batches of `batch_size x process_count` with the
+remainder dropped, and each global batch split into contiguous per-process slices (process p
+takes examples p * batch_size ... (p + 1) * batch_size - 1). So N processes train on exactly the
+batches of one process, in the same row order as the global arrays they build. `iter(dataset)` has `get_state()` / `set_state()`: restoring a state taken
 after N batches yields exactly the batches an uninterrupted iterator yields after N.
 
 The toy task (`toy_problem`, `write_toy_dataset`, `build_toy_tokenizer`) is the embedded
@@ -296,24 +298,33 @@ def prompt_dataset(paths: str | Sequence[str], kind: str, tokenizer: Any, *, bat
                    process_count: int | None = None, template: str = "chat",
                    enable_thinking: bool = True,
                    instruction: str | None = None) -> tuple[grain.IterDataset, DataStats]:
-    """Batches (lists of `batch_size` examples) of this process's shard of `prompt_examples`.
+    """This process's slices (lists of `batch_size` examples) of global batches of `prompt_examples`.
 
-    `batch_size` is per process. Returns the grain IterDataset (`iter()` it for a checkpointable
-    iterator) and the load counts. Raises ValueError if no example survives for this process.
+    `batch_size` is per process; the global batch is `batch_size x process_count` (module
+    docstring). Returns the grain IterDataset (`iter()` it for a checkpointable iterator) and the
+    load counts. Raises ValueError if fewer examples than one global batch survive.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     examples, stats = prompt_examples(paths, kind, tokenizer, max_prompt_len=max_prompt_len,
                                       template=template, enable_thinking=enable_thinking,
                                       instruction=instruction)
-    dataset = shard_rows(examples, process_index, process_count)
-    if len(dataset) < batch_size:
-        raise ValueError(f"this process's shard has {len(dataset)} examples, fewer than "
-                         f"batch_size={batch_size} ({stats.summary()}); add data, lower "
-                         "batch_size or raise max_prompt_len")
+    if process_index is None or process_count is None:
+        import jax
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    global_size = batch_size * process_count
+    if len(examples) < global_size:
+        raise ValueError(f"{len(examples)} examples are fewer than one global batch of {global_size} "
+                         f"(batch_size={batch_size} x {process_count} processes; {stats.summary()}); add data, "
+                         "lower batch_size or raise max_prompt_len")
+    dataset = grain.MapDataset.source(list(examples))
     if shuffle:
         dataset = dataset.shuffle(seed=seed)
-    dataset = dataset.repeat(num_epochs).batch(batch_size, drop_remainder=True, batch_fn=list)
+    dataset = dataset.repeat(num_epochs).batch(global_size, drop_remainder=True, batch_fn=list)
+    start = process_index * batch_size
+    dataset = dataset.map(lambda examples: examples[start : start + batch_size])
     # Examples are already in memory: read synchronously, no prefetch threads.
     return dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)), stats
 
@@ -361,12 +372,19 @@ def toy_problem(rng: random.Random) -> dict:
     return {"question": f"What is {expr}?", "answer": str(value), "solution": solution}
 
 
+def write_atomically(path: str, text: str) -> None:
+    """Writes `text` to `path` through a private temporary file and a rename: processes that write
+    the same file at once never read a partial one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_toy_dataset(path: str, n: int, seed: int) -> str:
     """Writes `n` toy problems (math schema JSONL) to `path`, deterministically from `seed`."""
     rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(n):
-            f.write(json.dumps(toy_problem(rng)) + "\n")
+    write_atomically(path, "".join(json.dumps(toy_problem(rng)) + "\n" for _ in range(n)))
     return path
 
 
@@ -400,11 +418,10 @@ def build_toy_tokenizer(directory: str) -> str:
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
                           for t in TOY_THINK_TOKENS])
     os.makedirs(directory, exist_ok=True)
-    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    write_atomically(os.path.join(directory, "tokenizer.json"), tokenizer.to_str())
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
               "pad_token": "<|endoftext|>", "unk_token": "<unk>", "bos_token": None,
               "model_max_length": 32768, "clean_up_tokenization_spaces": False,
               "chat_template": TOY_CHAT_TEMPLATE}
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    write_atomically(os.path.join(directory, "tokenizer_config.json"), json.dumps(config, indent=2))
     return directory

@@ -557,21 +557,15 @@ def coverage_formula(p: float | np.ndarray, group_size: int) -> float | np.ndarr
     return (1 - p) * (1 - (1 - p) ** (group_size - 1))
 
 
-def divergence_metrics(
-    rewards: np.ndarray,
-    rollouts: Sequence[Tokens],
-    peer_index: np.ndarray,
-    credit: np.ndarray,
-    mask: np.ndarray,
-    success_at: float = 1.0,
+def credit_metrics(
+    rewards: np.ndarray, tau: np.ndarray, credit: np.ndarray, mask: np.ndarray, success_at: float = 1.0
 ) -> dict[str, float]:
     """Scalars to log per step: coverage, f(p_hat, G), and the |A_t| share near tau (failed rows with peers).
 
-    rewards, peer_index: [N, G]; rollouts: B = N * G; credit, mask: [B, T_resp].
+    rewards: [N, G]; tau: [B = N * G] divergence positions (-1 without a peer); credit, mask: [B, T_resp].
     """
     rewards = np.asarray(rewards)
-    tau = divergence_positions(rollouts, peer_index)
-    rows = (rewards.reshape(-1) < success_at) & (tau >= 0)
+    rows = (rewards.reshape(-1) < success_at) & (np.asarray(tau) >= 0)
     p_hat = float(np.mean(rewards >= success_at))
     metrics = {
         "coverage": coverage(rewards, success_at),
@@ -580,3 +574,16 @@ def divergence_metrics(
     credit = np.where(np.asarray(mask) > 0, np.asarray(credit), 0.0)
     metrics.update({f"credit_mass_w{w}": share for w, share in credit_mass_share(credit, tau, rows).items()})
     return metrics
+
+
+def divergence_metrics(
+    rewards: np.ndarray,
+    rollouts: Sequence[Tokens],
+    peer_index: np.ndarray,
+    credit: np.ndarray,
+    mask: np.ndarray,
+    success_at: float = 1.0,
+) -> dict[str, float]:
+    """`credit_metrics` with tau from the rollouts and their peers. rewards, peer_index: [N, G];
+    rollouts: B = N * G token arrays; credit, mask: [B, T_resp]."""
+    return credit_metrics(rewards, divergence_positions(rollouts, peer_index), credit, mask, success_at)

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from hsd_jax import data, hindsight, rewards, sampling
+from hsd_jax import data, hindsight, rewards, sampling, sharding
 
 
 def sampling_config(sampling_cfg: ml_collections.ConfigDict, tokenizer) -> sampling.SamplingConfig:
@@ -55,6 +55,9 @@ def sample(
 ) -> sampling.Rollouts:
     """`cfg.n` rollouts of each question's student prompt, as host (NumPy) `sampling.Rollouts` [Q * n].
 
+    Multi-process: `questions` are this process's (the same count on every process) and so are
+    the returned rows; the sampler runs on the global batch.
+
     Questions go to the sampler `max(1, rows_per_call // cfg.n)` at a time; the call starting at
     question i draws with `fold_in(key, i)`. progress(questions_done_in_call) runs after each call.
     """
@@ -66,7 +69,7 @@ def sample(
         chunks.append(sampling.generate(graphdef, params, part, jax.random.fold_in(key, i), cfg, mesh=mesh))
         if progress is not None:
             progress(len(part))
-    return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts]), *chunks)
+    return jax.tree.map(lambda *parts: np.concatenate([sharding.global_to_host(p) for p in parts]), *chunks)
 
 
 def responses(rollouts: sampling.Rollouts) -> list[np.ndarray]:

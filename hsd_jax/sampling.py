@@ -429,17 +429,21 @@ def generate(
     graphdef, params: `nnx.split(model)` of a `models.qwen3.Qwen3` (params as placed; see
     `sampling_params`). With a mesh, rows are sharded by `rules` (default SAMPLING_RULES).
     Compiles once per (len(prompts), prompt bucket, max_new_tokens) and config.
+
+    Multi-process: each process passes its own prompts (the same number everywhere); together
+    they form the global batch, process by process, and the padding bucket comes from the
+    longest prompt of any process. The result is global: `sharding.global_to_host` gives a
+    process its rows [P_local * n].
     """
     model_config = nnx.merge(graphdef, params).config
     check_prompts(prompts, config, model_config)
-    bucket = prompt_bucket(max(len(p) for p in prompts), config.prompt_buckets)
-    tokens, pads = left_pad(prompts, bucket, config.pad_id)
+    longest = int(sharding.agree_max([max(len(p) for p in prompts)])[0])
+    tokens, pads = left_pad(prompts, prompt_bucket(longest, config.prompt_buckets), config.pad_id)
     rules_items = None
     if mesh is not None:
         rules = SAMPLING_RULES if rules is None else rules
         rules_items = tuple(sorted((k, tuple(v)) for k, v in rules.items()))
-        tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2, rules, batch_size=len(prompts)))
-        pads = jax.device_put(pads, sharding.batch_sharding(mesh, 1, rules, batch_size=len(prompts)))
+        tokens, pads = sharding.host_to_global(tokens, mesh, rules), sharding.host_to_global(pads, mesh, rules)
     return _generate_jit(graphdef, params, tokens, pads, key, config=config, mesh=mesh, rules_items=rules_items)
 
 

@@ -9,6 +9,7 @@ any model fits any mesh (e.g. 8 kv heads on a tensor axis of 16).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -139,3 +140,98 @@ def constrain_batch(tree: Any, mesh: Mesh | None, rules: dict[str, tuple[str, ..
     return jax.tree.map(
         lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim, rules, batch_size=x.shape[0])), tree
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Host <-> global arrays (multi-process)
+# ------------------------------------------------------------------------------------------------
+
+
+def _process_rows(num_rows: int) -> tuple[int, int]:
+    """(first, count) of this process's rows in a global batch of `num_rows` split evenly by process."""
+    count = num_rows // jax.process_count()
+    return jax.process_index() * count, count
+
+
+def host_to_global(local: np.ndarray, mesh: Mesh, rules: dict[str, tuple[str, ...]] | None = None) -> jax.Array:
+    """This process's rows [b, ...] as its part of a global batch [b * process_count, ...].
+
+    Every process passes the same number of rows; process p's rows follow process p - 1's. The
+    result is split over the batch axes of `mesh` (`batch_sharding`). Where those axes split the
+    batch along process boundaries, each process contributes only its rows
+    (`jax.make_array_from_process_local_data`); where they do not (a batch too small to split),
+    the rows are first gathered to every process. One process: a plain `device_put`.
+    """
+    local = np.asarray(local)
+    global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+    target = batch_sharding(mesh, local.ndim, rules, batch_size=global_shape[0])
+    if jax.process_count() == 1:
+        return jax.device_put(local, target)
+    first, count = _process_rows(global_shape[0])
+    rows = [index[0].indices(global_shape[0])[:2] for index in target.addressable_devices_indices_map(global_shape).values()]
+    if min(r[0] for r in rows) == first and max(r[1] for r in rows) == first + count:
+        return jax.make_array_from_process_local_data(target, local, global_shape)
+    from jax.experimental import multihost_utils
+
+    full = np.asarray(multihost_utils.process_allgather(local, tiled=True))
+    return jax.make_array_from_callback(global_shape, target, lambda index: full[index])
+
+
+def global_to_host(x: jax.Array) -> np.ndarray:
+    """This process's rows of a global batch-major array (the inverse of `host_to_global`)."""
+    if jax.process_count() == 1 or x.is_fully_addressable:
+        return np.asarray(x)
+    first, count = _process_rows(x.shape[0])
+    out = np.zeros((count, *x.shape[1:]), x.dtype)
+    for shard in x.addressable_shards:
+        start, stop, _ = shard.index[0].indices(x.shape[0])
+        lo, hi = max(start, first), min(stop, first + count)
+        if lo < hi:
+            out[(slice(lo - first, hi - first), *shard.index[1:])] = np.asarray(shard.data)[lo - start : hi - start]
+    return out
+
+
+def agree_max(values: Sequence[int]) -> np.ndarray:
+    """The elementwise maximum of `values` over all processes (shapes every process must share)."""
+    values = np.asarray(values, np.int64)
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(values)).max(axis=0)
+
+
+def gather_rows(tree: Any) -> Any:
+    """Every process's rows of a pytree of host arrays [b, ...], concatenated in process order."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+# Environment variables that mark a multi-process launch jax.distributed can configure itself.
+_CLUSTER_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _cluster_detected() -> bool:
+    """A SLURM / Open MPI job of several tasks, or a multi-host TPU slice."""
+    for name in _CLUSTER_VARIABLES:
+        value = os.environ.get(name, "")
+        if name == "TPU_WORKER_HOSTNAMES" and "," in value or name != "TPU_WORKER_HOSTNAMES" and value not in ("", "1"):
+            return True
+    return False
+
+
+def initialize_processes(coordinator_address: str | None = None, num_processes: int | None = None,
+                         process_id: int | None = None) -> None:
+    """Joins a multi-process run before JAX starts its backends; nothing for a single process.
+
+    Explicit `coordinator_address` (host:port of process 0) with `num_processes` and
+    `process_id`, or a cluster jax.distributed detects itself (TPU pods, SLURM, Open MPI). CPU
+    processes exchange collectives over gloo.
+    """
+    if coordinator_address is None and not _cluster_detected():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)

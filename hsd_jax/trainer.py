@@ -336,18 +336,25 @@ class Run:
             placed = batch_lib.place(train_batch, self.mesh)
             self.state, metrics, credit = self.update(self.state, self.ref_params, placed)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        lengths = np.asarray(rollouts.lengths)
-        credit, mask = np.asarray(credit), train_batch.response_mask
-        metrics.update(hindsight.divergence_metrics(rewards_.reshape(-1, G), responses, peers, credit, mask))
+        credit = sharding.global_to_host(credit)
+        T_resp = credit.shape[1]
+        # What the host metrics read, from every process (process 0 reports them).
+        every = sharding.gather_rows(dict(
+            rewards=rewards_, lengths=np.asarray(rollouts.lengths), truncated=np.asarray(rollouts.truncated),
+            tau=hindsight.divergence_positions(responses, peers), credit=credit,
+            mask=batch_lib.pad_to(train_batch.response_mask, T_resp), teacher_truncations=np.array([teacher.num_truncated]),
+        ))
+        failed_with_peer = (every["rewards"] < 1) & (every["tau"] >= 0)
+        metrics.update(hindsight.credit_metrics(every["rewards"].reshape(-1, G), every["tau"], every["credit"], every["mask"]))
         if self.reporter is not None:
-            tau = hindsight.divergence_positions(responses, peers)
-            self.reporter.add_credit_profile(hindsight.credit_profile(credit, mask, tau, (rewards_ < 1) & (tau >= 0)))
+            self.reporter.add_credit_profile(
+                hindsight.credit_profile(every["credit"], every["mask"], every["tau"], failed_with_peer))
         metrics.update(
-            reward=float(rewards_.mean()),
-            response_length=float(lengths.mean()),
-            truncated=float(np.mean(rollouts.truncated)),
-            teacher_truncations=teacher.num_truncated,
-            tokens_per_s=float(lengths.sum() / sum(times.values())),
+            reward=float(every["rewards"].mean()),
+            response_length=float(every["lengths"].mean()),
+            truncated=float(every["truncated"].mean()),
+            teacher_truncations=int(every["teacher_truncations"].sum()),
+            tokens_per_s=float(every["lengths"].sum() / sum(times.values())),
             **times,
         )
         return metrics
@@ -386,15 +393,20 @@ class Run:
             save_params(self.warmup_path, params)
 
     def evaluate(self, scorer: rewards.Scorer) -> dict[str, float]:
-        """avg@n / pass@1 on the eval files' validated examples at the sampling temperature."""
+        """avg@n / pass@1 on the eval files' validated examples at the sampling temperature.
+
+        Processes split the examples (a remainder smaller than the process count is left out)."""
         c, n = self.config, self.config.train.eval_samples
         examples, _ = data.prompt_examples(self.eval_files, self.data_kind, self.tokenizer,
                                            max_prompt_len=c.data.max_prompt_len, template=c.data.template,
                                            enable_thinking=c.data.enable_thinking)
+        per_process = len(examples) // jax.process_count()  # each process evaluates its slice
+        examples = examples[jax.process_index() * per_process : (jax.process_index() + 1) * per_process]
         questions = rollout.question_tokens(self.tokenizer, examples, self.data_kind)
         with self.reporter.progress(len(questions), "eval") as bar:
             rollouts = self.sample(questions, STREAM_EVAL, n=n, progress=bar.update)
         rewards_, _ = rollout.score(scorer, self.tokenizer, examples, rollouts)
+        rewards_ = sharding.gather_rows(rewards_)
         return {f"eval/{k}": v for k, v in evaluate.summarize(rewards_.reshape(-1, n)).items()}
 
     def checkpoint(self) -> None:

@@ -110,9 +110,12 @@ def sft_warmup(
     optimizer = optax.adam(learning_rate)
     opt_state = jax.jit(optimizer.init)(params)
     step_fn = jax.jit(partial(sft_step, graphdef=graphdef, optimizer=optimizer, chunk_size=chunk_size))
-    for i in range(steps):
-        picked = [rows[j] for j in rng.integers(0, len(rows), rows_per_step)]
-        params, opt_state, loss = step_fn(params, opt_state, batch_lib.place(make_batch(picked), mesh))
+    per_process = max(1, rows_per_step // jax.process_count())
+    first = jax.process_index() * per_process
+    for i in range(steps):  # every process draws the same rows and builds its slice of them
+        picked = [rows[j] for j in rng.integers(0, len(rows), per_process * jax.process_count())]
+        local = picked[first : first + per_process]
+        params, opt_state, loss = step_fn(params, opt_state, batch_lib.place(make_batch(local), mesh))
         if on_step is not None:
             on_step(i + 1, loss)
     return params

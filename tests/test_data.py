@@ -234,19 +234,20 @@ def test_shuffle_is_deterministic_by_seed(toy_path, tokenizer):
     assert sorted(order(0)[0]) == sorted(order(1)[0])
 
 
-def test_two_processes_get_disjoint_shards_that_cover_the_data(toy_path, tokenizer):
-    shards = []
-    for process_index in range(2):
-        dataset, _ = data.prompt_dataset(toy_path, "math", tokenizer, batch_size=1,
+def test_processes_take_contiguous_slices_of_the_single_process_batches(toy_path, tokenizer):
+    def batches(process_index, process_count, batch_size):
+        dataset, _ = data.prompt_dataset(toy_path, "math", tokenizer, batch_size=batch_size,
                                          max_prompt_len=512, seed=3, num_epochs=1,
-                                         process_index=process_index, process_count=2)
-        shards.append([q for [q] in questions(dataset)])
+                                         process_index=process_index, process_count=process_count)
+        return [[ex["question"] for ex in batch] for batch in dataset]
+
+    single = batches(0, 1, 4)
+    first, second = batches(0, 2, 2), batches(1, 2, 2)
+    assert len(single) == len(first) == len(second) == 23 // 4
+    assert [a + b for a, b in zip(first, second)] == single
     rows, _ = data.load_rows(toy_path, "math")
-    all_questions = [row["question"] for row in rows]
-    assert len(all_questions) == len(set(all_questions))  # the toy data has no duplicates
-    assert set(shards[0]).isdisjoint(shards[1])
-    assert sorted(shards[0] + shards[1]) == sorted(all_questions)
-    assert (len(shards[0]), len(shards[1])) == (12, 11)
+    assert len({q for batch in single for q in batch}) == 20  # no example twice in an epoch
+    assert {q for batch in single for q in batch} <= {row["question"] for row in rows}
 
 
 def test_shard_smaller_than_batch_is_a_clear_error(toy_path, tokenizer):
