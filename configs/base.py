@@ -57,7 +57,10 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     )
     c.sampling = ml_collections.ConfigDict(
         dict(group_size=8, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=4096, cache_dtype="bfloat16",
-             rows_per_call=256)  # rollouts generated per sampler call (bounds the KV cache)
+             rows_per_call=256,  # rollouts generated per sampler call (bounds the KV cache)
+             # "tensor": decode from a tensor-parallel copy of the weights made before each rollout
+             # phase (reshard_s); "train": decode from the training (FSDP) layout, no copy
+             decode_layout="tensor")
     )
     c.loss = loss_fields()
     c.loss.name = name

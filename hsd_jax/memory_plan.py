@@ -120,10 +120,10 @@ def abstract_params(model_cfg: qwen3.Qwen3Config, mesh, rules=None) -> tuple[nnx
 
 
 def abstract_train_state(params: nnx.State, optimizer) -> trainer.TrainState:
-    """The `TrainState` the trainer creates from `params`, placed as `jax.jit(trainer.init_state)`
-    places it (its compiled output shardings), as `ShapeDtypeStruct`s."""
-    compiled = jax.jit(trainer.init_state, static_argnums=1).lower(params, optimizer).compile()
-    return abstract(compiled.out_info, compiled.output_shardings)
+    """The `TrainState` the trainer creates from `params`, placed as `trainer.init_state` places
+    it (`trainer.train_state_shardings`), as `ShapeDtypeStruct`s."""
+    shapes = jax.eval_shape(partial(trainer.fresh_state, optimizer=optimizer), params)
+    return abstract(shapes, trainer.train_state_shardings(params, optimizer))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +152,8 @@ def step_shapes(config: ml_collections.ConfigDict, processes: int = 1) -> Shapes
     `processes` JAX processes each sampling its share of the questions."""
     c, s = config, config.sampling
     bucket = partial(hindsight.bucket_length, buckets=tuple(c.hindsight.buckets))
-    prompts = min(max(1, s.rows_per_call // s.group_size), c.data.questions_per_step // processes) * processes
+    per_process = max(1, s.rows_per_call // (s.group_size * processes))  # rows_per_call is global
+    prompts = min(per_process, c.data.questions_per_step // processes) * processes
     prompt = sampling.prompt_bucket(c.data.max_prompt_len, sampling.DEFAULT_BUCKETS)
     return Shapes(
         rows=c.data.questions_per_step * s.group_size,
@@ -277,10 +278,12 @@ def model_config(config: ml_collections.ConfigDict) -> qwen3.Qwen3Config:
 def plan(config: ml_collections.ConfigDict, attention: str = "fused", sampler_rules: dict | None = None) -> dict[str, Any]:
     """Every number of the memory plan of a resolved `config` (per-device bytes, seconds).
 
-    sampler_rules: None samples from the train params as they are placed (today's trainer);
-    rules (e.g. `sampling.SAMPLING_RULES`) plan a copy of the params in that layout, held beside
-    the train state while sampling.
+    sampler_rules: the layout of the decode copy of the params, held beside the train state while
+    sampling, in the compute dtype (`trainer.Run.decode_params`); default: SAMPLING_RULES when
+    `sampling.decode_layout="tensor"`, no copy (the sampler reads the train params) for "train".
     """
+    if sampler_rules is None and config.sampling.decode_layout == "tensor":
+        sampler_rules = sampling.SAMPLING_RULES
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
     model_cfg = model_config(config)
     shapes = step_shapes(config, jax.process_count())
@@ -290,7 +293,8 @@ def plan(config: ml_collections.ConfigDict, attention: str = "fused", sampler_ru
     ref_params = state.params if validation.loss_config(config).beta > 0 else None
     batch = abstract_batch(shapes, mesh)
     update = compile_update(config, graphdef, state, ref_params, batch, optimizer, mesh, attention)
-    sampler_params = state.params if sampler_rules is None else abstract_params(model_cfg, mesh, sampler_rules)[1]
+    decode_cfg = dataclasses.replace(model_cfg, param_dtype=model_cfg.dtype)
+    sampler_params = state.params if sampler_rules is None else abstract_params(decode_cfg, mesh, sampler_rules)[1]
     sampler = compile_sampler(config, graphdef, sampler_params, shapes, mesh)
     cache = kv_cache(model_cfg, shapes.sampler_rows, shapes.cache_slots, config.sampling.cache_dtype, mesh)
     held = per_device_bytes((state, ref_params))

@@ -58,11 +58,12 @@ def sample(
     Multi-process: `questions` are this process's (the same count on every process) and so are
     the returned rows; the sampler runs on the global batch.
 
-    Questions go to the sampler `max(1, rows_per_call // cfg.n)` at a time; the call starting at
+    Questions go to the sampler `max(1, rows_per_call // cfg.n)` at a time over all processes (each
+    sends its share; the KV cache is the same whatever the process count); the call starting at
     question i draws with `fold_in(key, i)`. progress(questions_done_in_call) runs after each call.
     """
     prompts = [hindsight.student_prompt(template, q) for q in questions]
-    per_call = max(1, rows_per_call // cfg.n)
+    per_call = max(1, rows_per_call // (cfg.n * jax.process_count()))  # rows_per_call counts all processes
     chunks = []
     for i in range(0, len(prompts), per_call):
         part = prompts[i : i + per_call]

@@ -142,6 +142,25 @@ def constrain_batch(tree: Any, mesh: Mesh | None, rules: dict[str, tuple[str, ..
     )
 
 
+def replicated_like(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """A sharding that replicates over the devices of `sharding` (its mesh, or its one device)."""
+    return NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else sharding
+
+
+def optimizer_shardings(optimizer, params: Any) -> Any:
+    """Shardings of `optimizer.init(params)`: each per-parameter leaf (Adam's moments) sharded like
+    its parameter, the rest (step counts) replicated; jit left to itself replicates the moments.
+
+    params: arrays or ShapeDtypeStructs carrying shardings.
+    """
+    import optax
+
+    param_shardings = jax.tree.map(lambda p: p.sharding, params)
+    replicated = replicated_like(jax.tree.leaves(param_shardings)[0])
+    return optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
 # ------------------------------------------------------------------------------------------------
 # Host <-> global arrays (multi-process)
 # ------------------------------------------------------------------------------------------------

@@ -229,9 +229,23 @@ def update_step(
     return new_state, metrics, credit.swapaxes(0, 1).reshape(-1, credit.shape[-1])
 
 
-def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-    """Step 0 with fresh optimizer state; jit it so every leaf lands on the params' devices."""
+def fresh_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step 0 with fresh optimizer state (unplaced: `init_state` places it)."""
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def train_state_shardings(params, optimizer: optax.GradientTransformation) -> TrainState:
+    """Where a `TrainState` of `params` (arrays or ShapeDtypeStructs carrying shardings) lives: the
+    params' shardings, `sharding.optimizer_shardings`, the step replicated."""
+    param_shardings = jax.tree.map(lambda p: p.sharding, params)
+    return TrainState(step=sharding.replicated_like(jax.tree.leaves(param_shardings)[0]), params=param_shardings,
+                      opt_state=sharding.optimizer_shardings(optimizer, params))
+
+
+def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step 0 with fresh optimizer state, placed by `train_state_shardings`."""
+    shardings = train_state_shardings(params, optimizer)
+    return jax.jit(fresh_state, static_argnums=1, out_shardings=shardings)(params, optimizer)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,7 +299,7 @@ class Run:
         self.graphdef, params = initial_params(c, self.model_cfg, self.mesh)
         self.ref_params = jax.tree.map(jnp.copy, params) if self.loss_cfg.beta > 0 else None
         self.optimizer = make_optimizer(c)
-        self.state = jax.jit(init_state, static_argnums=1)(params, self.optimizer)
+        self.state = init_state(params, self.optimizer)
         self.sampling_cfg = rollout.sampling_config(c.sampling, self.tokenizer)
         self.dataset, stats = data.prompt_dataset(
             self.train_files, self.data_kind, self.tokenizer,
@@ -307,21 +321,37 @@ class Run:
         elif self.is_main:
             print(message, flush=True)
 
-    def sample(self, questions: list[np.ndarray], stream: int, n: int | None = None, progress=None) -> sampling.Rollouts:
-        """n (default G) rollouts per question from the current policy, with `stream`'s key at this step."""
+    def decode_params(self):
+        """The current policy's params for decoding. With `sampling.decode_layout="tensor"`: a copy
+        in the compute dtype (what the model multiplies with anyway, so samples are unchanged)
+        moved into the sampler's tensor-parallel layout one array at a time
+        (`sampling.sampling_params`), so decode steps do not all-gather FSDP shards. With "train":
+        the training arrays themselves."""
+        if self.config.sampling.decode_layout == "train":
+            return self.state.params
+        dtype = jnp.dtype(self.model_cfg.dtype)
+        cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, self.state.params)
+        return sampling.sampling_params(cast, self.mesh)
+
+    def sample(self, params, questions: list[np.ndarray], stream: int, n: int | None = None,
+               progress=None) -> sampling.Rollouts:
+        """n (default G) rollouts per question from `params`, with `stream`'s key at this step."""
         cfg = self.sampling_cfg if n is None else dataclasses.replace(self.sampling_cfg, n=n)
         key = step_key(self.config.seed, stream, int(self.state.step))
-        return rollout.sample(self.graphdef, self.state.params, self.template, questions, key, cfg,
+        return rollout.sample(self.graphdef, params, self.template, questions, key, cfg,
                               rows_per_call=self.config.sampling.rows_per_call, mesh=self.mesh, progress=progress)
 
     def train_step(self, scorer: rewards.Scorer) -> dict[str, float]:
         """One RL step: rollout -> batch -> update. Returns its metrics, with the seconds of each phase."""
         G = self.config.sampling.group_size
         times = {}
+        with timed(times, "reshard_s"):
+            params = jax.block_until_ready(self.decode_params())
         with timed(times, "sample_s"):
             examples = next(self.data_iter)
             questions = rollout.question_tokens(self.tokenizer, examples, self.data_kind)
-            rollouts = self.sample(questions, STREAM_SAMPLE)
+            rollouts = self.sample(params, questions, STREAM_SAMPLE)
+            del params  # one decode copy at a time: freed before the update
         with timed(times, "score_s"):
             rewards_, _ = rollout.score(scorer, self.tokenizer, examples, rollouts)
         with timed(times, "build_s"):
@@ -387,7 +417,7 @@ class Run:
                 rows_per_step=c.data.questions_per_step * c.sampling.group_size // 2, chunk_size=self.loss_cfg.chunk_size,
                 mesh=self.mesh, rng=np.random.default_rng([c.seed, STREAM_WARMUP]), on_step=on_step,
             )
-        self.state = jax.jit(init_state, static_argnums=1)(params, self.optimizer)
+        self.state = init_state(params, self.optimizer)
         if self.ref_params is not None:
             self.ref_params = jax.tree.map(jnp.copy, params)
             save_params(self.warmup_path, params)
@@ -404,7 +434,7 @@ class Run:
         examples = examples[jax.process_index() * per_process : (jax.process_index() + 1) * per_process]
         questions = rollout.question_tokens(self.tokenizer, examples, self.data_kind)
         with self.reporter.progress(len(questions), "eval") as bar:
-            rollouts = self.sample(questions, STREAM_EVAL, n=n, progress=bar.update)
+            rollouts = self.sample(self.decode_params(), questions, STREAM_EVAL, n=n, progress=bar.update)
         rewards_, _ = rollout.score(scorer, self.tokenizer, examples, rollouts)
         rewards_ = sharding.gather_rows(rewards_)
         return {f"eval/{k}": v for k, v in evaluate.summarize(rewards_.reshape(-1, n)).items()}

@@ -118,6 +118,7 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
     _need(s.top_k >= 0, f"config.sampling.top_k={s.top_k} must be >= 0 (0 = off).")
     _need(s.max_new_tokens >= 1, f"config.sampling.max_new_tokens={s.max_new_tokens} must be >= 1.")
     _need(s.group_size >= 2, f"config.sampling.group_size={s.group_size} must be >= 2: peers and group advantages need a group.")
+    _need(s.decode_layout in ("tensor", "train"), f"config.sampling.decode_layout={s.decode_layout!r}: use 'tensor' or 'train'.")
     _need(s.rows_per_call >= s.group_size,
           f"config.sampling.rows_per_call={s.rows_per_call} must be >= sampling.group_size={s.group_size}.")
 

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from hsd_jax import batch as batch_lib
-from hsd_jax import hindsight, losses, rollout
+from hsd_jax import hindsight, losses, rollout, sharding
 
 
 def response_nll(graphdef: nnx.GraphDef, params: nnx.State, rows: batch_lib.ModelRows, targets: jax.Array,
@@ -108,7 +108,7 @@ def sft_warmup(
     if not all(r.get("solution") for r in rows):
         raise ValueError("config.train.sft_warmup_steps > 0 needs a 'solution' in every training row; set it to 0.")
     optimizer = optax.adam(learning_rate)
-    opt_state = jax.jit(optimizer.init)(params)
+    opt_state = jax.jit(optimizer.init, out_shardings=sharding.optimizer_shardings(optimizer, params))(params)
     step_fn = jax.jit(partial(sft_step, graphdef=graphdef, optimizer=optimizer, chunk_size=chunk_size))
     per_process = max(1, rows_per_step // jax.process_count())
     first = jax.process_index() * per_process

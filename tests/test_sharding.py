@@ -101,3 +101,19 @@ def test_bad_mesh_is_a_clear_error(shape):
 
 def test_minus_one_fills_remaining_devices():
     assert dict(sharding.make_mesh((2, -1, 2)).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_optimizer_moments_are_sharded_like_their_parameters():
+    import optax
+
+    mesh = sharding.make_mesh((1, 8, 1))
+    params = {"w": jax.device_put(np.ones((16, 4), np.float32), jax.sharding.NamedSharding(mesh, P("fsdp", None))),
+              "b": jax.device_put(np.ones((4,), np.float32), jax.sharding.NamedSharding(mesh, P()))}
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    state = jax.jit(optimizer.init, out_shardings=sharding.optimizer_shardings(optimizer, params))(params)
+    adam = state[1][0]
+    for moment in (adam.mu, adam.nu):
+        assert moment["w"].sharding.spec == P("fsdp", None)
+        assert moment["w"].addressable_shards[0].data.shape == (2, 4)  # 16 rows over 8 devices
+        assert moment["b"].sharding.spec == P()
+    assert adam.count.sharding.spec == P()
