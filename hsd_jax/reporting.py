@@ -23,7 +23,7 @@ import numpy as np
 
 # What a step line shows, in order (everything goes to metrics.jsonl and TensorBoard).
 CONSOLE_KEYS = ("reward", "coverage", "loss", "divergence", "kl", "entropy", "credit_mass_w8",
-                "response_length", "tokens_per_s", "skipped_updates")
+                "response_length", "tokens_per_s")
 
 
 def format_value(value: float) -> str:
