@@ -1,0 +1,166 @@
+"""`trainer.Run` on the tiny config: kill -9 and resume, the stop after repeated skipped updates,
+evaluation against a scripted scorer, and the warm-up on validated rows that fit its buckets.
+
+One `Run` (module fixture) serves the in-process tests, which swap in their own files, scorer or
+step; one `python main.py` run, killed and resumed, covers the command line end to end.
+"""
+import dataclasses
+import importlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from hsd_jax import data, reporting, trainer, warmup
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_FLAGS = ("--config.data.toy_examples=64", "--config.data.questions_per_step=2", "--config.sampling.group_size=4",
+              "--config.sampling.max_new_tokens=12", "--config.train.micro_batch=4",
+              "--config.train.sft_warmup_steps=2", "--config.train.steps=4", "--config.train.checkpoint_every=2")
+# Metrics that a resumed step reproduces exactly (timings do not).
+DETERMINISTIC = ("reward", "loss", "distill_loss", "ref_kl", "kl", "entropy", "grad_norm", "response_length")
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return str(path)
+
+
+def wait_for(condition, process, timeout_s, what):
+    """Polls `condition()` until it holds; fails if `process` exits first or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, f"main.py exited (status {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout_s} s"
+        time.sleep(0.1)
+
+
+def test_kill_9_then_rerun_resumes_and_records_each_step_once(tmp_path):
+    workdir = tmp_path / "run"
+    command = [sys.executable, "main.py", *TINY_FLAGS, f"--config.workdir={workdir}"]
+    # One CPU device (the test process simulates 8): the cheapest run of the same program.
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+    metrics_path = workdir / "metrics.jsonl"
+    steps = lambda rows: [r["step"] for r in rows]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            # Past the step-2 checkpoint (its directory is renamed into place once complete) into step 3.
+            wait_for(lambda: 3 in steps(reporting.read_metrics(metrics_path)) and (workdir / "checkpoints" / "2").is_dir(),
+                     first, 600, "step 3 logged after the step-2 checkpoint")
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+    killed = reporting.read_metrics(metrics_path)
+    assert steps(killed) == [1, 2, 3], "the run must be killed between logging step 3 and finishing step 4"
+
+    second = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    assert f"resumed from {workdir / 'checkpoints'} at step 2" in second.stdout
+    resumed = reporting.read_metrics(metrics_path)
+    assert steps(resumed) == [1, 2, 3, 4]
+    assert resumed[:2] == killed[:2]  # rows up to the checkpoint are kept as written
+    for key in DETERMINISTIC:  # step 3 redone from the checkpoint is the step the killed run took
+        assert resumed[2][key] == pytest.approx(killed[2][key], rel=1e-5, abs=1e-7), key
+    assert (workdir / "checkpoints" / "4").is_dir()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    config = importlib.import_module("configs.tiny").get_config()
+    config.workdir = str(tmp_path_factory.mktemp("run"))
+    config.data.toy_examples = 8
+    config.data.questions_per_step = 2
+    config.sampling.group_size = 4
+    config.sampling.max_new_tokens = 8
+    config.train.micro_batch = 4
+    config.train.sft_warmup_steps = 2
+    config.train.steps = 10
+    return trainer.Run(config)
+
+
+@pytest.fixture
+def quiet(run, tmp_path, monkeypatch):
+    """The run with a disabled reporter, its state restored after the test."""
+    monkeypatch.setattr(run, "reporter", reporting.Reporter(str(tmp_path), run.config.train.steps, enabled=False))
+    monkeypatch.setattr(run, "state", run.state)
+    monkeypatch.setattr(run, "ref_params", run.ref_params)
+    monkeypatch.setattr(run, "warmup_path", str(tmp_path / "warmup_policy"))
+    return run
+
+
+def test_consecutive_skipped_updates_stop_the_run(quiet, monkeypatch):
+    run, outcomes, checkpoints = quiet, iter([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]), []
+
+    def scripted_step(scorer):  # steps 1..: skipped, finite, skipped, skipped, ...
+        run.state = dataclasses.replace(run.state, step=run.state.step + 1)
+        return {"update_skipped": next(outcomes)}
+
+    monkeypatch.setattr(run, "train_step", scripted_step)
+    monkeypatch.setattr(run, "checkpoint", lambda: checkpoints.append(int(run.state.step)))
+    monkeypatch.setattr(run.config.train, "max_skipped_updates", 2)
+    monkeypatch.setattr(run.config.train, "checkpoint_every", 1)
+    with pytest.raises(trainer.NonFiniteUpdates, match=r"stopped at step 4: 2 consecutive .*max_skipped_updates=2"):
+        run.loop(scorer=None)
+    assert int(run.state.step) == 4  # the finite step 2 reset the count; steps 3 and 4 stopped the run
+    assert checkpoints == [1, 2, 3]  # the stopping step is not checkpointed
+
+
+def test_evaluate_summarizes_the_rewards_it_scored(quiet, tmp_path, monkeypatch):
+    run = quiet
+    rows = [data.toy_problem(random.Random(i)) for i in range(2)]
+    monkeypatch.setattr(run, "eval_files", [write_jsonl(tmp_path / "eval.jsonl", rows)])
+    monkeypatch.setattr(run.config.train, "eval_samples", 3)  # not the group size (4)
+    verdicts = {rows[0]["question"]: [1.0, 0.0, 1.0], rows[1]["question"]: [0.0, 0.0, 0.0]}
+    seen = []
+
+    def scripted_scorer(examples, completions, truncated):  # completions come n per example, in order
+        seen.append(([ex["question"] for ex in examples], len(completions), np.shape(truncated)))
+        rewards = np.array([v for ex in examples for v in verdicts[ex["question"]]], np.float32)
+        return rewards, ["scripted"] * len(completions)
+
+    assert run.evaluate(scripted_scorer) == {"eval/avg@3": pytest.approx(2 / 6), "eval/pass@1": pytest.approx(2 / 6)}
+    assert seen == [([r["question"] for r in rows], 6, (6,))]
+
+
+def test_warm_up_trains_on_the_validated_rows_that_fit_its_buckets(quiet, tmp_path, monkeypatch):
+    run = quiet
+    good = [data.toy_problem(random.Random(i)) for i in range(2)]
+    rows = [
+        good[0],
+        {**good[1], "question": "What is 1 + 1?", "solution": "1 + 1 = 2\n" * 400},  # ~4000 tokens > bucket 512
+        {"question": "What is " + " + ".join(["1"] * 80) + "?", "answer": "80", "solution": "80"},  # prompt > 96
+        {"question": "What is 2 + 2?", "solution": "4"},  # no answer: an invalid row
+        good[1],
+    ]
+    monkeypatch.setattr(run, "train_files", [write_jsonl(tmp_path / "train.jsonl", rows)])
+    used = {}
+
+    def record(graphdef, params, rows, make_batch, **options):
+        used.update(rows=rows, make_batch=make_batch, **options)
+        return params
+
+    monkeypatch.setattr(warmup, "sft_warmup", record)
+    run.warm_up()
+    assert [r["question"] for r in used["rows"]] == [good[0]["question"], good[1]["question"]]
+    assert used["steps"] == 2
+    warm = used["make_batch"](used["rows"])  # the rows it kept make a batch (2 rows each, as peers)
+    assert warm.response_tokens.shape[0] == 4
+
+
+@pytest.mark.xfail(strict=True, reason="Run.warm_up calls warmup.rows_that_fit before sft_warmup checks for "
+                   "solutions, and warmup_batch fails on a missing solution with a TypeError")
+def test_warm_up_without_solutions_names_the_missing_field(quiet, tmp_path, monkeypatch):
+    run = quiet
+    rows = [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 2?", "answer": "4"}]
+    monkeypatch.setattr(run, "train_files", [write_jsonl(tmp_path / "train.jsonl", rows)])
+    with pytest.raises(ValueError, match="needs a 'solution' in every training row"):
+        run.warm_up()
