@@ -400,6 +400,7 @@ class Run:
         examples, _ = data.prompt_examples(self.train_files, self.data_kind, self.tokenizer,
                                            max_prompt_len=c.data.max_prompt_len, template=c.data.template,
                                            enable_thinking=c.data.enable_thinking)
+        warmup.require_solutions(examples)
         rows = warmup.rows_that_fit(examples, make_batch)
         if len(rows) < len(examples):
             logger.warning("sft warm-up: %d of %d rows skipped: their sequences exceed the largest bucket %d",

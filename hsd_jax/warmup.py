@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from hsd_jax import batch as batch_lib
-from hsd_jax import hindsight, losses, rollout, sharding
+from hsd_jax import hindsight, losses, rollout, sharding, validation
 
 
 def response_nll(graphdef: nnx.GraphDef, params: nnx.State, rows: batch_lib.ModelRows, targets: jax.Array,
@@ -71,6 +71,13 @@ def warmup_batch(
     return batch
 
 
+def require_solutions(rows: Sequence[dict]) -> None:
+    """The warm-up learns reference solutions: every row needs one."""
+    if not all(r.get("solution") for r in rows):
+        raise validation.ConfigError(
+            "config.train.sft_warmup_steps > 0 needs a 'solution' in every training row; set it to 0.")
+
+
 def rows_that_fit(rows: Sequence[dict], make_batch: Callable[[list[dict]], batch_lib.TrainBatch]) -> list[dict]:
     """The rows whose warm-up sequences (student and teacher) fit the largest bucket."""
     fit = []
@@ -105,8 +112,7 @@ def sft_warmup(
     if not rows:
         raise ValueError("config.train.sft_warmup_steps > 0 but no training row fits the warm-up's buckets; "
                          "raise config.hindsight.buckets or set sft_warmup_steps=0.")
-    if not all(r.get("solution") for r in rows):
-        raise ValueError("config.train.sft_warmup_steps > 0 needs a 'solution' in every training row; set it to 0.")
+    require_solutions(rows)
     optimizer = optax.adam(learning_rate)
     opt_state = jax.jit(optimizer.init, out_shardings=sharding.optimizer_shardings(optimizer, params))(params)
     step_fn = jax.jit(partial(sft_step, graphdef=graphdef, optimizer=optimizer, chunk_size=chunk_size))

@@ -156,8 +156,6 @@ def test_warm_up_trains_on_the_validated_rows_that_fit_its_buckets(quiet, tmp_pa
     assert warm.response_tokens.shape[0] == 4
 
 
-@pytest.mark.xfail(strict=True, reason="Run.warm_up calls warmup.rows_that_fit before sft_warmup checks for "
-                   "solutions, and warmup_batch fails on a missing solution with a TypeError")
 def test_warm_up_without_solutions_names_the_missing_field(quiet, tmp_path, monkeypatch):
     run = quiet
     rows = [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 2?", "answer": "4"}]
