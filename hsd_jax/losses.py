@@ -34,7 +34,8 @@ Array = jax.Array
 sg = jax.lax.stop_gradient
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "sampled")
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+REF_KL_LEVELS = ("token", "sequence")
 REF_KLS = ("k1", "k2", "k3")
 RATIO_LEVELS = ("token", "sequence")
 _LOG_RATIO_CLAMP = 20.0  # |log ratio| bound before exp, as in verl
@@ -390,6 +391,8 @@ def aggregate(
     (split along B) gives exactly the full-batch value. Rows with an all-zero mask count nowhere.
       ``token-mean``: ``sum(m v) / sum(m)`` (DAPO).
       ``seq-mean-token-mean``: mean over non-empty rows of the row's token mean (GRPO, HSD Eq. 10).
+      ``seq-mean-token-sum``: mean over non-empty rows of the row's token sum (a sequence-level
+      quantity, e.g. the sequence KL ``sum_t KL_t``).
       ``seq-mean-token-sum-norm``: mean over non-empty rows of ``sum_t(m v) / norm_length``
       (Dr. GRPO; ``norm_length`` a constant such as the max response length, default ``T``).
     """
@@ -401,6 +404,8 @@ def aggregate(
         return row_sums.sum(), row_tokens.sum()
     if mode == "seq-mean-token-mean":
         return jnp.sum(row_sums / jnp.maximum(row_tokens, 1.0)), rows
+    if mode == "seq-mean-token-sum":
+        return row_sums.sum(), rows
     if mode == "seq-mean-token-sum-norm":
         return row_sums.sum() / (norm_length or values.shape[-1]), rows
     raise ValueError(f"aggregation mode={mode!r}: use one of {AGGREGATIONS}")
@@ -416,7 +421,10 @@ class LossConfig:
     """``loss = w_pg * PG + w_sd * distillation + beta * ref_KL``; defaults are ``preset("hsd")``.
 
     Fields: term weights (``w_pg``, ``w_sd``, ``beta``, ``ref_kl`` estimator); ``agg`` the
-    aggregation of every term; ``max_response_length`` the Dr. GRPO normaliser and DAPO's overlong
+    aggregation of every term, except the reference KL at ``ref_kl_level="sequence"``: the
+    paper's "sequence-level penalty", ``sum_t`` of the per-token estimator averaged over sequences
+    (``seq-mean-token-sum``), whose gradient scales with length, where "token" (default) averages
+    it like the other terms; ``max_response_length`` the Dr. GRPO normaliser and DAPO's overlong
     limit; advantages (``normalize_std``, ``adv_eps``, ``drop_degenerate_groups`` (DAPO dynamic
     sampling), ``overlong_buffer`` (DAPO; 0 = off)); PPO (``eps_low``, ``eps_high``, ``dual_clip``,
     ``ratio_level`` ("sequence" = GSPO), ``rlsd_lambda`` (> 0 = RLSD token weights)); distillation
@@ -428,6 +436,7 @@ class LossConfig:
     w_sd: float = 1.0
     beta: float = 1e-3
     ref_kl: str = "k3"
+    ref_kl_level: str = "token"
     agg: str = "seq-mean-token-mean"
     max_response_length: int = 4096
     normalize_std: bool = True
@@ -450,7 +459,8 @@ class LossConfig:
             if not ok:
                 raise ValueError(f"LossConfig: {msg}")
 
-        choices_of = {"ref_kl": REF_KLS, "agg": AGGREGATIONS, "ratio_level": RATIO_LEVELS}
+        choices_of = {"ref_kl": REF_KLS, "ref_kl_level": REF_KL_LEVELS, "agg": AGGREGATIONS,
+                      "ratio_level": RATIO_LEVELS}
         for name, choices in choices_of.items():
             value = getattr(self, name)
             need(value in choices, f"{name}={value!r} is unknown; set {name} to one of {choices}")
@@ -477,6 +487,11 @@ class LossConfig:
             raise ValueError(f"LossConfig: {e}") from None
 
     @property
+    def ref_agg(self) -> str:
+        """The aggregation of the reference-KL term (``ref_kl_level``)."""
+        return self.agg if self.ref_kl_level == "token" else "seq-mean-token-sum"
+
+    @property
     def needs_teacher(self) -> bool:
         """Whether the loss reads a teacher pass: distillation (``w_sd``) or RLSD token weights."""
         return self.w_sd > 0 or self.rlsd_lambda > 0
@@ -499,6 +514,9 @@ _PRESETS: dict[str, dict] = {
     "gspo": dict(w_pg=1.0, w_sd=0.0, ratio_level="sequence", eps_low=3e-4, eps_high=4e-4),
     "rlsd": dict(w_pg=1.0, w_sd=0.0, rlsd_lambda=0.5),
     "grpo_opsd": dict(w_pg=0.5, w_sd=0.5, divergence="jsd", alpha=0.0),
+    # The fused objective: HSD's full-vocabulary distillation (peer + answer context) plus GRPO's
+    # policy gradient, equally weighted by default (w_pg, w_sd are sweepable).
+    "hsd_grpo": dict(w_pg=0.5, w_sd=0.5),
 }
 PRESETS = tuple(_PRESETS)
 
@@ -562,7 +580,7 @@ def _distill_token_mask(mask: Array, distill_mask: Array | None) -> Array:
 
 
 def loss_denominators(mask: Array, distill_mask: Array | None, cfg: LossConfig) -> dict[str, Array]:
-    """Aggregation denominators ``{"main", "distill"}`` of a (full) batch, for ``objective``.
+    """Aggregation denominators ``{"main", "distill", "ref"}`` of a (full) batch, for ``objective``.
 
     ``mask``: [B, T] response mask (as ``LossInputs.mask``); ``distill_mask``: [B] rows with a
     teacher signal, or None for every row (as ``LossInputs.distill_mask``).
@@ -571,7 +589,8 @@ def loss_denominators(mask: Array, distill_mask: Array | None, cfg: LossConfig) 
     norm = cfg.max_response_length
     return {"main": aggregate(zeros, mask, cfg.agg, norm_length=norm)[1],
             "distill": aggregate(zeros, _distill_token_mask(mask, distill_mask), cfg.agg,
-                                 norm_length=norm)[1]}
+                                 norm_length=norm)[1],
+            "ref": aggregate(zeros, mask, cfg.ref_agg, norm_length=norm)[1]}
 
 
 def objective(
@@ -596,8 +615,8 @@ def objective(
     def token_mean(values, m=mask):
         return jnp.sum(values * m) / jnp.maximum(m.sum(), 1.0)
 
-    def term(values, m, den):
-        num = aggregate(values, m, cfg.agg, norm_length=cfg.max_response_length)[0]
+    def term(values, m, den, agg=cfg.agg):
+        num = aggregate(values, m, agg, norm_length=cfg.max_response_length)[0]
         return num / jnp.maximum(den, 1.0)
     zero = jnp.zeros((), jnp.float32)
     metrics: dict[str, Array] = {"pg_loss": zero, "distill_loss": zero, "ref_kl": zero}
@@ -622,7 +641,7 @@ def objective(
     if cfg.beta > 0:
         ref = _require(inputs, "ref_logprobs", "beta > 0")
         kl = ref_kl(inputs.logprobs, ref, cfg.ref_kl)
-        metrics["ref_kl"] = term(kl, mask, dens["main"])
+        metrics["ref_kl"] = term(kl, mask, dens["ref"], cfg.ref_agg)
         metrics["kl"] = sg(token_mean(kl))
     if inputs.entropy is not None:
         metrics["entropy"] = token_mean(inputs.entropy)

@@ -29,6 +29,7 @@ DATA_KINDS = ("math", "code", "toy")
 # The teacher's privileged context and peer rule each loss preset implies (docs/METHOD.md).
 CONTEXTS = {
     "hsd": ("peer_answer", "uniform"),
+    "hsd_grpo": ("peer_answer", "uniform"),
     "opsd": ("answer", "uniform"),
     "grpo_opsd": ("answer", "uniform"),
     "sdpo": ("peer", "first"),

@@ -62,7 +62,7 @@ def test_configs_and_variants_resolve_to_their_preset(module, variant, tmp_path,
     fields.update(max_response_length=limit, temperature=config.sampling.temperature,
                   overlong_buffer=min(fields["overlong_buffer"], limit // 4))
     assert loss_cfg == losses.LossConfig(**fields)
-    teacher_context = {"hsd": "peer_answer", "opsd": "answer", "grpo_opsd": "answer", "sdpo": "peer", "rlsd": "answer"}
+    teacher_context = {"hsd": "peer_answer", "hsd_grpo": "peer_answer", "opsd": "answer", "grpo_opsd": "answer", "sdpo": "peer", "rlsd": "answer"}
     assert config.hindsight.context == teacher_context.get(name, "none")
 
 

@@ -98,6 +98,8 @@ def np_aggregate(v, m, mode, norm=None):
         return 0.0
     if mode == "seq-mean-token-mean":
         return np.mean([(v[i] * m[i]).sum() / m[i].sum() for i in rows])
+    if mode == "seq-mean-token-sum":
+        return np.mean([(v[i] * m[i]).sum() for i in rows])
     return np.mean([(v[i] * m[i]).sum() / (norm or v.shape[1]) for i in rows])
 
 
@@ -122,7 +124,11 @@ def np_objective(cfg, logp, div, b):
         loss += cfg.w_sd * np_aggregate(div, m * b["distill_mask"][:, None], cfg.agg, norm)
     if cfg.beta:
         kl = np_ref_kl(logp, b["ref"], cfg.ref_kl)
-        loss += cfg.beta * np_aggregate(kl, m, cfg.agg, norm)
+        if cfg.ref_kl_level == "sequence":  # sum over each sequence's tokens, mean over sequences
+            rows = m.sum(1) > 0
+            loss += cfg.beta * (kl * m).sum(1)[rows].mean()
+        else:
+            loss += cfg.beta * np_aggregate(kl, m, cfg.agg, norm)
     return loss
 
 
@@ -409,9 +415,10 @@ def loss_inputs(b, logp, div):
         credit=f32(b["credit"]))
 
 
-@pytest.mark.parametrize("name", L.PRESETS)
-def test_objective_matches_numpy(name):
-    cfg = L.preset(name, max_response_length=8, overlong_buffer=0)
+@pytest.mark.parametrize("name,level", [(name, "token") for name in L.PRESETS]
+                         + [("hsd", "sequence"), ("dapo", "sequence"), ("hsd_grpo", "sequence")])
+def test_objective_matches_numpy(name, level):
+    cfg = L.preset(name, max_response_length=8, overlong_buffer=0, ref_kl_level=level, beta=0.1)
     b = make_batch(11)
     if name == "gspo":  # keep the sequence ratio near its narrow trust region
         b["old"] = b["logp"] + np.random.default_rng(12).normal(size=b["mask"].shape) * 1e-3
@@ -427,9 +434,10 @@ def test_objective_matches_numpy(name):
     np.testing.assert_allclose(g_div, fd_div, rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["dr_grpo", "dapo", "gspo", "grpo_opsd"])  # all modes and terms
-def test_objective_accumulates_like_one_batch(name):
-    cfg = L.preset(name, max_response_length=8, overlong_buffer=0)
+@pytest.mark.parametrize("name,level", [("dr_grpo", "token"), ("dapo", "token"), ("gspo", "token"),
+                                        ("grpo_opsd", "token"), ("dapo", "sequence")])  # all modes and terms
+def test_objective_accumulates_like_one_batch(name, level):
+    cfg = L.preset(name, max_response_length=8, overlong_buffer=0, ref_kl_level=level)
     b = make_batch(13)
     full = loss_inputs(b, f32(b["logp"]), f32(b["div"]))
     dens = L.loss_denominators(full.mask, full.distill_mask, cfg)
@@ -485,3 +493,24 @@ def _bare_inputs():
 def test_errors_name_the_field(make, field):
     with pytest.raises(ValueError, match=field):
         make()
+
+
+def test_hsd_grpo_is_half_hsd_plus_half_grpo():
+    b = make_batch(15)
+    inputs = loss_inputs(b, f32(b["logp"]), f32(b["div"]))
+    loss = lambda name, **kw: float(L.objective(inputs, L.preset(name, max_response_length=8, **kw))[0])
+    hsd, grpo = loss("hsd", beta=0.0), loss("grpo", beta=0.0)
+    assert L.preset("hsd_grpo").needs_teacher and L.preset("hsd_grpo").divergence == "kl"
+    np.testing.assert_allclose(loss("hsd_grpo", beta=0.0), 0.5 * hsd + 0.5 * grpo, rtol=1e-6)
+
+
+def test_sequence_level_ref_kl_scales_with_length_token_level_does_not():
+    logp = np.zeros((2, T))
+    ref = np.full((2, T), -0.5)
+    mask = np.zeros((2, T))
+    mask[0, :2], mask[1, :] = 1, 1  # a 2-token and a T-token sequence with the same per-token KL
+    inputs = L.LossInputs(logprobs=f32(logp), mask=f32(mask), ref_logprobs=f32(ref), divergence=f32(logp))
+    per_token = np.exp(-0.5) + 0.5 - 1
+    value = lambda level: float(L.objective(inputs, L.preset("hsd", beta=1.0, ref_kl_level=level))[1]["ref_kl"])
+    np.testing.assert_allclose(value("token"), per_token, rtol=1e-5)
+    np.testing.assert_allclose(value("sequence"), per_token * (2 + T) / 2, rtol=1e-5)
