@@ -69,10 +69,12 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.loss.temperature = c.sampling.get_ref("temperature")
     c.hindsight = ml_collections.ConfigDict(
         dict(
-            context=config_dict.placeholder(str),  # unset: the loss preset's (validation.CONTEXTS)
+            # unset: the loss preset's teacher (validation.TEACHERS)
+            context=config_dict.placeholder(str),
             peer_rule=config_dict.placeholder(str),
             max_teacher_len=4096 + 1024 + 4096 + 512,
-            strip_think=False,  # HSD's teacher reads the peer's whole path, reasoning included
+            # HSD's teacher reads the peer's whole path, reasoning included; SDPO strips it
+            strip_think=config_dict.placeholder(bool),
             # student/teacher/response lengths pad to the smallest bucket that fits: few shapes, few compiles
             buckets=(256, 512, 1024, 2048, 4096, 8192, 16384),
             template=ml_collections.ConfigDict(),  # overrides of hindsight.TeacherTemplate's text pieces

@@ -119,11 +119,11 @@ def abstract_params(model_cfg: qwen3.Qwen3Config, mesh, rules=None) -> tuple[nnx
     return graphdef, abstract(shapes, sharding.state_shardings(shapes, mesh, rules))
 
 
-def abstract_train_state(params: nnx.State, optimizer) -> trainer.TrainState:
+def abstract_train_state(params: nnx.State, optimizer, ema_teacher: bool = False) -> trainer.TrainState:
     """The `TrainState` the trainer creates from `params`, placed as `trainer.init_state` places
     it (`trainer.train_state_shardings`), as `ShapeDtypeStruct`s."""
-    shapes = jax.eval_shape(partial(trainer.fresh_state, optimizer=optimizer), params)
-    return abstract(shapes, trainer.train_state_shardings(params, optimizer))
+    shapes = jax.eval_shape(partial(trainer.fresh_state, optimizer=optimizer, ema_teacher=ema_teacher), params)
+    return abstract(shapes, trainer.train_state_shardings(params, optimizer, ema_teacher))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +289,7 @@ def plan(config: ml_collections.ConfigDict, attention: str = "fused", sampler_ru
     shapes = step_shapes(config, jax.process_count())
     optimizer = trainer.make_optimizer(config)
     graphdef, params = abstract_params(model_cfg, mesh)
-    state = abstract_train_state(params, optimizer)
+    state = abstract_train_state(params, optimizer, validation.loss_config(config).teacher_ema > 0)
     ref_params = state.params if validation.loss_config(config).beta > 0 else None
     batch = abstract_batch(shapes, mesh)
     update = compile_update(config, graphdef, state, ref_params, batch, optimizer, mesh, attention)

@@ -46,11 +46,13 @@ logger = logging.getLogger(__name__)
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
-    """Everything an update changes: step [] int32, params (nnx.State), optimizer state."""
+    """Everything an update changes: step [] int32, params (nnx.State), optimizer state, and the
+    EMA teacher's params (`loss.teacher_ema > 0`, SDPO; None when the teacher is the current policy)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
+    teacher_params: Any = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,11 +139,13 @@ def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[st
 # ------------------------------------------------------------------------------------------------
 
 
-def micro_batch_loss(params, ref_params, batch: batch_lib.TrainBatch, denominators, graphdef, cfg: losses.LossConfig):
+def micro_batch_loss(params, teacher_params, ref_params, batch: batch_lib.TrainBatch, denominators, graphdef,
+                     cfg: losses.LossConfig):
     """HSD / GRPO-family loss of one micro-batch of b rows and its metrics.
 
-    denominators: `losses.loss_denominators` of the whole batch. The teacher pass runs only when
-    `cfg.needs_teacher`, the reference pass only when `cfg.beta > 0`.
+    denominators: `losses.loss_denominators` of the whole batch. The teacher pass (with
+    `teacher_params`, stop-gradient) runs only when `cfg.needs_teacher`, the reference pass only
+    when `cfg.beta > 0`.
     Returns (loss, (metrics, credit [b, T_resp])), credit 0 without a teacher.
     """
     targets, mask = batch.response_tokens, batch.response_mask
@@ -149,9 +153,11 @@ def micro_batch_loss(params, ref_params, batch: batch_lib.TrainBatch, denominato
     head = batch_lib.lm_head(graphdef, params)
     chunked = dict(temperature=cfg.temperature, chunk_size=cfg.chunk_size)
     if cfg.needs_teacher:
-        teacher = batch_lib.response_hidden(graphdef, jax.lax.stop_gradient(params), batch.teacher)
+        teacher_params = jax.lax.stop_gradient(teacher_params)
+        teacher = batch_lib.response_hidden(graphdef, teacher_params, batch.teacher)
         out = losses.distill_divergence(
-            teacher, student, head, targets, divergence=cfg.divergence, alpha=cfg.alpha, top_k=cfg.top_k, **chunked
+            teacher, student, head, targets, divergence=cfg.divergence, alpha=cfg.alpha, top_k=cfg.top_k,
+            teacher_head=batch_lib.lm_head(graphdef, teacher_params), **chunked
         )
         logprobs, entropy, divergence, credit = out.logprobs, out.entropy, out.divergence, out.credit
     else:
@@ -203,15 +209,18 @@ def update_step(
     every micro-batch is too. Gradients accumulate in float32. A non-finite loss or gradient
     never reaches the parameters: the update is skipped (params and optimizer state stay as
     they were, bit for bit; the step still advances) and metrics["update_skipped"] is 1.
+    The teacher reads the current params, or the EMA teacher's, which then moves toward the
+    updated params: teacher <- (1 - cfg.teacher_ema) * teacher + cfg.teacher_ema * params.
     Returns (new state, metrics, per-token credit [B, T_resp] in the batch's row order).
     """
+    teacher_params = state.params if state.teacher_params is None else state.teacher_params
     denominators = losses.loss_denominators(batch.response_mask, batch.distill_mask, cfg)
     split = jax.tree.map(lambda x: x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
     grad_fn = jax.grad(micro_batch_loss, has_aux=True)
 
     def accumulate(grads, micro):
         micro = sharding.constrain_batch(micro, mesh)
-        g, (metrics, credit) = grad_fn(state.params, ref_params, micro, denominators, graphdef, cfg)
+        g, (metrics, credit) = grad_fn(state.params, teacher_params, ref_params, micro, denominators, graphdef, cfg)
         return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), (metrics, credit)
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
@@ -224,28 +233,36 @@ def update_step(
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     keep_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(step=state.step + 1, params=keep_finite(params, state.params),
-                           opt_state=keep_finite(opt_state, state.opt_state))
+    params = keep_finite(params, state.params)
+    teacher = state.teacher_params
+    if teacher is not None:
+        rate = cfg.teacher_ema
+        teacher = jax.tree.map(lambda t, p: ((1 - rate) * t + rate * p).astype(t.dtype), teacher, params)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=keep_finite(opt_state, state.opt_state),
+                           teacher_params=teacher)
     return new_state, metrics, credit.swapaxes(0, 1).reshape(-1, credit.shape[-1])
 
 
-def fresh_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-    """Step 0 with fresh optimizer state (unplaced: `init_state` places it)."""
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+def fresh_state(params, optimizer: optax.GradientTransformation, ema_teacher: bool = False) -> TrainState:
+    """Step 0 with fresh optimizer state (and an EMA teacher equal to `params` when asked);
+    unplaced: `init_state` places it."""
+    teacher = jax.tree.map(jnp.copy, params) if ema_teacher else None
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), teacher)
 
 
-def train_state_shardings(params, optimizer: optax.GradientTransformation) -> TrainState:
+def train_state_shardings(params, optimizer: optax.GradientTransformation, ema_teacher: bool = False) -> TrainState:
     """Where a `TrainState` of `params` (arrays or ShapeDtypeStructs carrying shardings) lives: the
-    params' shardings, `sharding.optimizer_shardings`, the step replicated."""
+    params' shardings (the EMA teacher's too), `sharding.optimizer_shardings`, the step replicated."""
     param_shardings = jax.tree.map(lambda p: p.sharding, params)
     return TrainState(step=sharding.replicated_like(jax.tree.leaves(param_shardings)[0]), params=param_shardings,
-                      opt_state=sharding.optimizer_shardings(optimizer, params))
+                      opt_state=sharding.optimizer_shardings(optimizer, params),
+                      teacher_params=param_shardings if ema_teacher else None)
 
 
-def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+def init_state(params, optimizer: optax.GradientTransformation, ema_teacher: bool = False) -> TrainState:
     """Step 0 with fresh optimizer state, placed by `train_state_shardings`."""
-    shardings = train_state_shardings(params, optimizer)
-    return jax.jit(fresh_state, static_argnums=1, out_shardings=shardings)(params, optimizer)
+    shardings = train_state_shardings(params, optimizer, ema_teacher)
+    return jax.jit(fresh_state, static_argnums=(1, 2), out_shardings=shardings)(params, optimizer, ema_teacher)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,7 +316,7 @@ class Run:
         self.graphdef, params = initial_params(c, self.model_cfg, self.mesh)
         self.ref_params = jax.tree.map(jnp.copy, params) if self.loss_cfg.beta > 0 else None
         self.optimizer = make_optimizer(c)
-        self.state = init_state(params, self.optimizer)
+        self.state = init_state(params, self.optimizer, self.loss_cfg.teacher_ema > 0)
         self.sampling_cfg = rollout.sampling_config(c.sampling, self.tokenizer)
         self.dataset, stats = data.prompt_dataset(
             self.train_files, self.data_kind, self.tokenizer,
@@ -418,7 +435,7 @@ class Run:
                 rows_per_step=c.data.questions_per_step * c.sampling.group_size // 2, chunk_size=self.loss_cfg.chunk_size,
                 mesh=self.mesh, rng=np.random.default_rng([c.seed, STREAM_WARMUP]), on_step=on_step,
             )
-        self.state = init_state(params, self.optimizer)
+        self.state = init_state(params, self.optimizer, self.loss_cfg.teacher_ema > 0)
         if self.ref_params is not None:
             self.ref_params = jax.tree.map(jnp.copy, params)
             save_params(self.warmup_path, params)

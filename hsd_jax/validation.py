@@ -26,15 +26,18 @@ from hsd_jax import hindsight, losses, sharding
 logger = logging.getLogger(__name__)
 
 DATA_KINDS = ("math", "code", "toy")
-# The teacher's privileged context and peer rule each loss preset implies (docs/METHOD.md).
-CONTEXTS = {
-    "hsd": ("peer_answer", "uniform"),
-    "hsd_grpo": ("peer_answer", "uniform"),
-    "opsd": ("answer", "uniform"),
-    "grpo_opsd": ("answer", "uniform"),
-    "sdpo": ("peer", "first"),
-    "rlsd": ("answer", "uniform"),  # the teacher of RLSD's token weights sees the reference answer
+# The teacher each loss preset implies (docs/METHOD.md): its privileged context, peer rule and
+# whether demonstrations lose their <think> block; a preset not listed has no teacher.
+TEACHERS = {
+    "hsd": dict(context="peer_answer", peer_rule="uniform", strip_think=False),
+    "hsd_grpo": dict(context="peer_answer", peer_rule="uniform", strip_think=False),
+    "opsd": dict(context="answer", peer_rule="uniform", strip_think=False),
+    "grpo_opsd": dict(context="answer", peer_rule="uniform", strip_think=False),
+    "sdpo": dict(context="peer", peer_rule="first", strip_think=True),
+    # the teacher of RLSD's token weights sees the reference answer
+    "rlsd": dict(context="answer", peer_rule="uniform", strip_think=False),
 }
+NO_TEACHER = dict(context="none", peer_rule="uniform", strip_think=False)
 
 
 class ConfigError(ValueError):
@@ -51,7 +54,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     Fields of `config.loss` that are `None` take the preset's value (DAPO's overlong buffer is
     at most a quarter of the response limit: 1024 of 4096 in the recipe); `hindsight.context`
-    and `hindsight.peer_rule` left `None` take the preset's (`CONTEXTS`, else no teacher).
+    `hindsight.peer_rule` and `hindsight.strip_think` left `None` take the preset's (`TEACHERS`).
     """
     name = config.loss.name
     _need(name in losses.PRESETS, f"config.loss.name={name!r} is not a loss preset; use one of {', '.join(losses.PRESETS)}.")
@@ -62,11 +65,9 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     defaults["overlong_buffer"] = min(defaults["overlong_buffer"], max_length // 4)
     with resolved.unlocked():
         resolved.loss = ml_collections.ConfigDict({"name": name, **defaults, **overrides})
-    context, peer_rule = CONTEXTS.get(name, ("none", "uniform"))
-    if resolved.hindsight.context is None:
-        resolved.hindsight.context = context
-    if resolved.hindsight.peer_rule is None:
-        resolved.hindsight.peer_rule = peer_rule
+    for field, value in TEACHERS.get(name, NO_TEACHER).items():
+        if resolved.hindsight[field] is None:
+            resolved.hindsight[field] = value
     return resolved
 
 

@@ -514,3 +514,18 @@ def test_sequence_level_ref_kl_scales_with_length_token_level_does_not():
     value = lambda level: float(L.objective(inputs, L.preset("hsd", beta=1.0, ref_kl_level=level))[1]["ref_kl"])
     np.testing.assert_allclose(value("token"), per_token, rtol=1e-5)
     np.testing.assert_allclose(value("sequence"), per_token * (2 + T) / 2, rtol=1e-5)
+
+
+def test_distill_with_the_teachers_own_head():
+    """An EMA teacher has its own LM head: the teacher's logits use it, the gradient reaches only `head`."""
+    th, sh, head, tg = draw(6)
+    teacher_head = head + np.random.default_rng(7).normal(size=head.shape) * 0.3
+    want = np_distill(th, sh, teacher_head, head, tg)
+    f = lambda w, tw: L.distill_divergence(f32(th), f32(sh), w, jnp.asarray(tg), temperature=TEMP, chunk_size=3,
+                                           teacher_head=tw)
+    got = f(f32(head), f32(teacher_head))
+    np.testing.assert_allclose(got.divergence, want["divergence"], rtol=1e-4, atol=1e-5)
+    shared = f(f32(head), None)
+    assert float(jnp.max(jnp.abs(shared.divergence - got.divergence))) > 1e-3
+    g_teacher = jax.grad(lambda tw: f(f32(head), tw).divergence.sum())(f32(teacher_head))
+    assert float(jnp.max(jnp.abs(g_teacher))) == 0.0

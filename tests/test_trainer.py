@@ -10,6 +10,7 @@ accumulation, the update on a (2, 2, 2) mesh, the non-finite guard, and the warm
 import copy
 import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +100,7 @@ def response_logprobs(model, prompt, response):
     return torch.log_softmax(logits.double(), -1)
 
 
-def reference_terms(s, advantages):
+def reference_terms(s, advantages, teacher_model=None):
     """Per-row token means [B] of KL(teacher || student) over the vocabulary, the on-policy PPO
     surrogate -A exp(logp - sg(logp)) and k3 = exp(ref - logp) - (ref - logp) - 1, in float64 with
     gradients into a copy of the policy. Returns (terms, policy copy)."""
@@ -110,7 +111,7 @@ def reference_terms(s, advantages):
         student = response_logprobs(policy, student_prompt(s, b), response)
         logp = student[torch.arange(len(response)), targets]
         with torch.no_grad():
-            teacher = response_logprobs(policy, teacher_prompt(s, b), response)
+            teacher = response_logprobs(policy if teacher_model is None else teacher_model, teacher_prompt(s, b), response)
             ref = response_logprobs(s["ref"], student_prompt(s, b), response)[torch.arange(len(response)), targets]
         d = ref - logp
         k3 = torch.exp(d) - d - 1
@@ -339,3 +340,31 @@ def test_place_splits_every_field_over_the_batch_axes(setup):
                                          ("gspo", False)])
 def test_needs_teacher(name, needs):
     assert losses.preset(name).needs_teacher is needs
+
+
+def test_ema_teacher_reads_its_own_weights_and_follows_the_policy(setup):
+    """SDPO's EMA teacher: the teacher pass reads the EMA weights (here a different model), and
+    after the update they move to (1 - r) * teacher + r * new params."""
+    s = setup
+    cfg = losses.preset("hsd", beta=0.0, chunk_size=4, max_response_length=16, teacher_ema=0.05)
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), s["params"], SGD.init(s["params"]), s["ref_params"])
+    new, metrics, _ = update(state, None, s["batch"], graphdef=s["graphdef"], optimizer=SGD, cfg=cfg, micro_batches=2)
+    terms, _ = reference_terms(s, np.zeros(8), teacher_model=s["ref"])
+    assert float(metrics["distill_loss"]) == pytest.approx(float(terms["distill"].mean()), rel=1e-4)
+    _, own, _ = one_step(s, cfg, s["batch"], micro_batches=2)  # no EMA weights: the teacher is the policy
+    assert abs(float(own["distill_loss"]) - float(metrics["distill_loss"])) > 1e-3
+    for teacher, before, after in zip(jax.tree.leaves(new.teacher_params), jax.tree.leaves(s["ref_params"]),
+                                      jax.tree.leaves(new.params)):
+        np.testing.assert_allclose(teacher, 0.95 * np.asarray(before) + 0.05 * np.asarray(after), rtol=1e-6, atol=1e-7)
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(s["params"])))
+    assert moved > 0
+
+
+def test_sdpo_variant_keeps_an_ema_teacher_and_strips_demonstrations_think_blocks():
+    from hsd_jax import validation
+
+    config = validation.resolve(importlib.import_module("configs.tiny").get_config("sdpo"))
+    assert validation.loss_config(config).teacher_ema == 0.05
+    assert config.hindsight.strip_think is True and config.hindsight.context == "peer"
+    hsd = validation.resolve(importlib.import_module("configs.tiny").get_config("hsd"))
+    assert validation.loss_config(hsd).teacher_ema == 0.0 and hsd.hindsight.strip_think is False
