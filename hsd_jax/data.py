@@ -263,18 +263,6 @@ def encode_prompts(rows: Sequence[dict], tokenizer: Any, kind: str, *, max_promp
 
 # ---------------------------------------------------------------------------- pipeline
 
-def shard_rows(examples: Sequence[dict], process_index: int | None = None,
-               process_count: int | None = None) -> grain.MapDataset:
-    """The examples of one JAX process (default: this one): indices i with
-    i % process_count == process_index. Shards are disjoint and cover the data."""
-    if process_index is None or process_count is None:
-        import jax
-        process_index, process_count = jax.process_index(), jax.process_count()
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    return grain.MapDataset.source(list(examples))[process_index::process_count]
-
-
 def prompt_examples(paths: str | Sequence[str], kind: str, tokenizer: Any, *,
                     max_prompt_len: int, template: str = "chat", enable_thinking: bool = True,
                     instruction: str | None = None) -> tuple[list[dict], DataStats]:
