@@ -88,6 +88,13 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
         dict(
             steps=1500,
             micro_batch=8,  # rollouts per forward/backward; gradients accumulate over the step
+            # PPO updates per rollout batch: ppo_epochs passes over minibatches_per_step minibatches,
+            # one optimizer step each (unset: the preset's published count, validation.MINIBATCHES)
+            ppo_epochs=1,
+            minibatches_per_step=config_dict.placeholder(int),
+            # DAPO dynamic sampling: at most this many extra question batches per step to fill the
+            # batch with groups of mixed rewards (loss.drop_degenerate_groups)
+            max_refill_batches=10,
             sft_warmup_steps=0,  # supervised steps on reference solutions before RL (toy task)
             sft_learning_rate=1e-3,
             log_every=1,

@@ -232,9 +232,10 @@ def attention_footprint(attention: str):
 def compile_update(config, graphdef, state, ref_params, batch, optimizer, mesh, attention: str) -> CompiledProgram:
     """The trainer's jitted update step (state donated), compiled on abstract arguments."""
     loss_cfg = validation.loss_config(config)
-    micro_batches = batch.response_mask.shape[0] // config.train.micro_batch
+    minibatches = config.train.minibatches_per_step
+    micro_batches = batch.response_mask.shape[0] // config.train.micro_batch // minibatches
     update = partial(trainer.update_step, graphdef=graphdef, optimizer=optimizer, cfg=loss_cfg,
-                     micro_batches=micro_batches, mesh=mesh)
+                     micro_batches=micro_batches, minibatches=minibatches, epochs=config.train.ppo_epochs, mesh=mesh)
     with attention_footprint(attention):
         return compile_program(jax.jit(update, donate_argnums=0), state, ref_params, batch)
 

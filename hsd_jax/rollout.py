@@ -9,6 +9,7 @@ Rows are group-major: rollout `b` answers question `b // G`. Sampling runs the j
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
@@ -85,3 +86,42 @@ def score(
     """Verifier rewards [B] in {0, 1} of the decoded responses (0 for truncated rows) and B reasons."""
     texts = tokenizer.batch_decode(responses(rollouts), skip_special_tokens=True)
     return scorer(examples, texts, truncated=np.asarray(rollouts.truncated))
+
+
+@dataclasses.dataclass
+class ScoredGroups:
+    """Q questions with their G scored rollouts each; rows group-major (row b answers question b // G).
+
+    examples: Q data rows; questions: Q encoded user turns; rollouts: host `sampling.Rollouts`
+    [Q * G] (`prompt_index` = b // G); rewards: [Q * G] verifier rewards; group_size: G.
+    """
+
+    examples: list[dict]
+    questions: list[np.ndarray]
+    rollouts: sampling.Rollouts
+    rewards: np.ndarray
+    group_size: int
+
+    def mixed(self) -> np.ndarray:
+        """[Q] bool: the group's rewards are not all equal (DAPO keeps only these)."""
+        r = self.rewards.reshape(len(self.examples), self.group_size)
+        return (r != r[:, :1]).any(axis=1)
+
+    def take(self, groups: Sequence[int]) -> ScoredGroups:
+        """The groups at the indices `groups`, in that order."""
+        G = self.group_size
+        rows = (np.asarray(groups, np.int64)[:, None] * G + np.arange(G)).reshape(-1)
+        rollouts = jax.tree.map(lambda x: np.asarray(x)[rows], self.rollouts)
+        rollouts = dataclasses.replace(rollouts, prompt_index=np.repeat(np.arange(len(groups), dtype=np.int32), G))
+        return ScoredGroups([self.examples[q] for q in groups], [self.questions[q] for q in groups], rollouts,
+                            self.rewards[rows], G)
+
+
+def concat_groups(parts: Sequence[ScoredGroups]) -> ScoredGroups:
+    """The groups of `parts` one after another (equal group sizes and rollout widths)."""
+    G = parts[0].group_size
+    rollouts = jax.tree.map(lambda *xs: np.concatenate(xs), *[p.rollouts for p in parts])
+    groups = sum(len(p.examples) for p in parts)
+    rollouts = dataclasses.replace(rollouts, prompt_index=np.repeat(np.arange(groups, dtype=np.int32), G))
+    return ScoredGroups([ex for p in parts for ex in p.examples], [q for p in parts for q in p.questions], rollouts,
+                        np.concatenate([p.rewards for p in parts]), G)

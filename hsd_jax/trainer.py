@@ -139,13 +139,16 @@ def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[st
 # ------------------------------------------------------------------------------------------------
 
 
-def micro_batch_loss(params, teacher_params, ref_params, batch: batch_lib.TrainBatch, denominators, graphdef,
-                     cfg: losses.LossConfig):
+def micro_batch_loss(params, teacher_params, ref_params, batch: batch_lib.TrainBatch, old_logprobs, denominators,
+                     graphdef, cfg: losses.LossConfig):
     """HSD / GRPO-family loss of one micro-batch of b rows and its metrics.
 
-    denominators: `losses.loss_denominators` of the whole batch. The teacher pass (with
-    `teacher_params`, stop-gradient) runs only when `cfg.needs_teacher`, the reference pass only
-    when `cfg.beta > 0`.
+    old_logprobs: [b, T_resp] log-probs of the policy that sampled the rows (the PPO ratio's
+    denominator), or None when the update is the first and only one on these rows: the sampling
+    policy is then the current one and the ratio is exactly 1 (its gradient A * grad log p, as in
+    on-policy GRPO). denominators: `losses.loss_denominators` of the rows one optimizer step
+    reads. The teacher pass (with `teacher_params`, stop-gradient) runs only when
+    `cfg.needs_teacher`, the reference pass only when `cfg.beta > 0`.
     Returns (loss, (metrics, credit [b, T_resp])), credit 0 without a teacher.
     """
     targets, mask = batch.response_tokens, batch.response_mask
@@ -171,9 +174,7 @@ def micro_batch_loss(params, teacher_params, ref_params, batch: batch_lib.TrainB
     inputs = losses.LossInputs(
         logprobs=logprobs,
         mask=mask,
-        # One optimizer step per batch: the sampling policy is the current one, so the PPO ratio
-        # is exactly 1 at the update (its gradient is A * grad log p), as in on-policy GRPO.
-        old_logprobs=jax.lax.stop_gradient(logprobs),
+        old_logprobs=jax.lax.stop_gradient(logprobs) if old_logprobs is None else old_logprobs,
         ref_logprobs=ref_logprobs,
         advantages=batch.advantages,
         divergence=divergence,
@@ -189,42 +190,59 @@ def micro_batch_loss(params, teacher_params, ref_params, batch: batch_lib.TrainB
 
 ADDITIVE_METRICS = ("loss", "pg_loss", "distill_loss", "ref_kl")
 # Independent random streams, each folded with the step (see step_key / step_rng).
-STREAM_SAMPLE, STREAM_PEERS, STREAM_EVAL, STREAM_WARMUP = range(4)
+STREAM_SAMPLE, STREAM_PEERS, STREAM_EVAL, STREAM_WARMUP, STREAM_REFILL = range(5)
 
 
-def update_step(
-    state: TrainState,
-    ref_params,
-    batch: batch_lib.TrainBatch,
-    *,
-    graphdef,
-    optimizer,
-    cfg: losses.LossConfig,
-    micro_batches: int,
-    mesh=None,
-):
-    """One optimizer step over a whole batch of B rollouts, accumulated over `micro_batches`.
+def split_rows(tree, parts: int):
+    """[B, ...] leaves -> [parts, B // parts, ...]: part m takes rows m, m + parts, m + 2 parts, ...,
+    so that with the rows split over devices every part is too (no data moves)."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // parts, parts, *x.shape[1:]).swapaxes(0, 1), tree)
 
-    Micro-batch m takes rows m, m + M, m + 2M, ... so that with the batch split over devices
-    every micro-batch is too. Gradients accumulate in float32. A non-finite loss or gradient
-    never reaches the parameters: the update is skipped (params and optimizer state stay as
-    they were, bit for bit; the step still advances) and metrics["update_skipped"] is 1.
-    The teacher reads the current params, or the EMA teacher's, which then moves toward the
-    updated params: teacher <- (1 - cfg.teacher_ema) * teacher + cfg.teacher_ema * params.
+
+def join_rows(x: jax.Array) -> jax.Array:
+    """The inverse of `split_rows` for one array: [parts, B // parts, ...] -> [B, ...]."""
+    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+def policy_logprobs(params, batch: batch_lib.TrainBatch, *, graphdef, cfg: losses.LossConfig, micro_batches: int,
+                    mesh=None) -> jax.Array:
+    """log pi(o_t) [B, T_resp] of the rollout tokens under `params` (at the loss temperature, the
+    full distribution: not the sampler's top-p renormalised one), `micro_batches` rows at a time."""
+
+    def micro_logprobs(micro):
+        micro = sharding.constrain_batch(micro, mesh)
+        hidden = batch_lib.response_hidden(graphdef, params, micro.student)
+        logprobs, _ = losses.token_logprobs(hidden, batch_lib.lm_head(graphdef, params), micro.response_tokens,
+                                            temperature=cfg.temperature, chunk_size=cfg.chunk_size)
+        return logprobs
+
+    return join_rows(jax.lax.map(micro_logprobs, split_rows(batch, micro_batches)))
+
+
+def optimizer_step(state: TrainState, ref_params, batch: batch_lib.TrainBatch, old_logprobs, *, graphdef, optimizer,
+                   cfg: losses.LossConfig, micro_batches: int, mesh=None):
+    """One optimizer step on the rows of `batch`, accumulated over `micro_batches` (`split_rows`).
+
+    old_logprobs: [B, T_resp] (see `micro_batch_loss`) or None. Gradients accumulate in float32;
+    every term is normalised by the denominators of all the rows. A non-finite loss or gradient
+    never reaches the parameters: the update is skipped (params and optimizer state stay as they
+    were, bit for bit) and metrics["update_skipped"] is 1. The teacher reads the current params,
+    or the EMA teacher's, which then moves toward the updated params:
+    teacher <- (1 - cfg.teacher_ema) * teacher + cfg.teacher_ema * params.
     Returns (new state, metrics, per-token credit [B, T_resp] in the batch's row order).
     """
     teacher_params = state.params if state.teacher_params is None else state.teacher_params
     denominators = losses.loss_denominators(batch.response_mask, batch.distill_mask, cfg)
-    split = jax.tree.map(lambda x: x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
     grad_fn = jax.grad(micro_batch_loss, has_aux=True)
 
     def accumulate(grads, micro):
-        micro = sharding.constrain_batch(micro, mesh)
-        g, (metrics, credit) = grad_fn(state.params, teacher_params, ref_params, micro, denominators, graphdef, cfg)
+        micro_batch, micro_old = sharding.constrain_batch(micro, mesh)
+        g, (metrics, credit) = grad_fn(state.params, teacher_params, ref_params, micro_batch, micro_old, denominators,
+                                       graphdef, cfg)
         return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), (metrics, credit)
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    grads, (metrics, credit) = jax.lax.scan(accumulate, zeros, split)
+    grads, (metrics, credit) = jax.lax.scan(accumulate, zeros, split_rows((batch, old_logprobs), micro_batches))
     metrics = {k: v.sum() if k in ADDITIVE_METRICS else v.mean() for k, v in metrics.items()}
     metrics["grad_norm"] = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
@@ -238,9 +256,56 @@ def update_step(
     if teacher is not None:
         rate = cfg.teacher_ema
         teacher = jax.tree.map(lambda t, p: ((1 - rate) * t + rate * p).astype(t.dtype), teacher, params)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=keep_finite(opt_state, state.opt_state),
-                           teacher_params=teacher)
-    return new_state, metrics, credit.swapaxes(0, 1).reshape(-1, credit.shape[-1])
+    new_state = dataclasses.replace(state, params=params, opt_state=keep_finite(opt_state, state.opt_state),
+                                    teacher_params=teacher)
+    return new_state, metrics, join_rows(credit)
+
+
+def update_step(
+    state: TrainState,
+    ref_params,
+    batch: batch_lib.TrainBatch,
+    *,
+    graphdef,
+    optimizer,
+    cfg: losses.LossConfig,
+    micro_batches: int,
+    minibatches: int = 1,
+    epochs: int = 1,
+    mesh=None,
+):
+    """The RL update of one rollout batch of B rows: `epochs` passes over its `minibatches`
+    minibatches (`split_rows`), one `optimizer_step` each, `micro_batches` micro-batches per step.
+
+    With a single optimizer step (the default) the rows are on-policy: the PPO ratio is exactly 1.
+    With more (PPO, GSPO and DAPO as published), the log-probs of the policy that sampled the
+    rows are computed first by one forward pass (`policy_logprobs`), and the ratio, its clipping,
+    DAPO's clip-higher, the dual clip and GSPO's sequence ratio act on every later step.
+    Metrics are means over the optimizer steps (`update_skipped`: 1 if any step was skipped);
+    `optimizer_steps` counts them. The train state's step advances by one.
+    Returns (new state, metrics, per-token credit [B, T_resp] of the first epoch, in row order).
+    """
+    step_options = dict(graphdef=graphdef, optimizer=optimizer, cfg=cfg, micro_batches=micro_batches, mesh=mesh)
+    if minibatches * epochs == 1:
+        new_state, metrics, credit = optimizer_step(state, ref_params, batch, None, **step_options)
+    else:
+        old_logprobs = policy_logprobs(state.params, batch, graphdef=graphdef, cfg=cfg,
+                                       micro_batches=micro_batches * minibatches, mesh=mesh)
+        parts = split_rows((batch, old_logprobs), minibatches)
+
+        def minibatch_step(state, part):
+            new_state, metrics, credit = optimizer_step(state, ref_params, *part, **step_options)
+            return new_state, (metrics, credit)
+
+        def epoch(state, _):
+            return jax.lax.scan(minibatch_step, state, parts)
+
+        # metrics: [epochs, minibatches] each; credit: [epochs, minibatches, B // minibatches, T_resp]
+        new_state, (metrics, credit) = jax.lax.scan(epoch, state, None, length=epochs)
+        metrics = {k: v.max() if k == "update_skipped" else v.mean() for k, v in metrics.items()}
+        credit = join_rows(credit[0])
+    metrics["optimizer_steps"] = jnp.float32(minibatches * epochs)
+    return dataclasses.replace(new_state, step=state.step + 1), metrics, credit
 
 
 def fresh_state(params, optimizer: optax.GradientTransformation, ema_teacher: bool = False) -> TrainState:
@@ -282,10 +347,10 @@ def step_rng(seed: int, stream: int, step: int) -> np.random.Generator:
 
 @contextlib.contextmanager
 def timed(times: dict[str, float], name: str):
-    """Sets `times[name]` to the seconds the block took."""
+    """Adds the seconds the block took to `times[name]`."""
     start = time.perf_counter()
     yield
-    times[name] = time.perf_counter() - start
+    times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
 
 class NonFiniteUpdates(RuntimeError):
@@ -327,8 +392,11 @@ class Run:
         self.data_iter = iter(self.dataset)
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), c.train.max_to_keep)
         self.warmup_path = os.path.join(self.workdir, "warmup_policy")
+        minibatches = c.train.minibatches_per_step
         jit_options = dict(graphdef=self.graphdef, optimizer=self.optimizer, cfg=self.loss_cfg, mesh=self.mesh,
-                           micro_batches=c.data.questions_per_step * c.sampling.group_size // c.train.micro_batch)
+                           minibatches=minibatches, epochs=c.train.ppo_epochs,
+                           micro_batches=c.data.questions_per_step * c.sampling.group_size // c.train.micro_batch
+                           // minibatches)
         self.update = jax.jit(partial(update_step, **jit_options), donate_argnums=0)
 
     def print(self, message: str) -> None:
@@ -351,12 +419,48 @@ class Run:
         return sampling.sampling_params(cast, self.mesh)
 
     def sample(self, params, questions: list[np.ndarray], stream: int, n: int | None = None,
-               progress=None) -> sampling.Rollouts:
-        """n (default G) rollouts per question from `params`, with `stream`'s key at this step."""
+               progress=None, fold: int | None = None) -> sampling.Rollouts:
+        """n (default G) rollouts per question from `params`, with `stream`'s key at this step
+        (folded with `fold` when given)."""
         cfg = self.sampling_cfg if n is None else dataclasses.replace(self.sampling_cfg, n=n)
         key = step_key(self.config.seed, stream, int(self.state.step))
+        if fold is not None:
+            key = jax.random.fold_in(key, fold)
         return rollout.sample(self.graphdef, params, self.template, questions, key, cfg,
                               rows_per_call=self.config.sampling.rows_per_call, mesh=self.mesh, progress=progress)
+
+    def collect(self, params, scorer: rewards.Scorer, times: dict[str, float]) -> tuple[rollout.ScoredGroups, int]:
+        """This step's questions (this process's share of `data.questions_per_step`), G scored
+        rollouts each, and how many question batches were drawn after the first.
+
+        With DAPO's dynamic sampling (`loss.drop_degenerate_groups`) the groups whose rewards are
+        all equal are set aside and further question batches are drawn, each with its own key,
+        until every process holds its share of groups with mixed rewards or
+        `train.max_refill_batches` more batches were drawn; a batch still short is topped up with
+        groups set aside (the loss masks them out).
+        """
+        dynamic, limit = self.loss_cfg.drop_degenerate_groups, self.config.train.max_refill_batches
+        mixed, degenerate, refills = [], [], 0
+        while True:
+            examples = next(self.data_iter)
+            with timed(times, "sample_s"):
+                questions = rollout.question_tokens(self.tokenizer, examples, self.data_kind)
+                stream, fold = (STREAM_REFILL, refills) if refills else (STREAM_SAMPLE, None)
+                rollouts = self.sample(params, questions, stream, fold=fold)
+            with timed(times, "score_s"):
+                rewards_, _ = rollout.score(scorer, self.tokenizer, examples, rollouts)
+            scored = rollout.ScoredGroups(examples, questions, rollouts, rewards_, self.config.sampling.group_size)
+            if not dynamic:
+                return scored, 0
+            keep = scored.mixed()
+            mixed.append(scored.take(np.flatnonzero(keep)))
+            degenerate.append(scored.take(np.flatnonzero(~keep)))
+            wanted = len(examples)
+            short = int(sharding.agree_max([wanted - sum(len(g.examples) for g in mixed)])[0])  # over all processes
+            if short <= 0 or refills == limit:
+                everything = rollout.concat_groups(mixed + degenerate)
+                return everything.take(np.arange(wanted)), refills
+            refills += 1
 
     def train_step(self, scorer: rewards.Scorer) -> dict[str, float]:
         """One RL step: rollout -> batch -> update. Returns its metrics, with the seconds of each phase."""
@@ -364,13 +468,9 @@ class Run:
         times = {}
         with timed(times, "reshard_s"):
             params = jax.block_until_ready(self.decode_params())
-        with timed(times, "sample_s"):
-            examples = next(self.data_iter)
-            questions = rollout.question_tokens(self.tokenizer, examples, self.data_kind)
-            rollouts = self.sample(params, questions, STREAM_SAMPLE)
-            del params  # one decode copy at a time: freed before the update
-        with timed(times, "score_s"):
-            rewards_, _ = rollout.score(scorer, self.tokenizer, examples, rollouts)
+        scored, refills = self.collect(params, scorer, times)
+        del params  # one decode copy at a time: freed before the update
+        examples, questions, rollouts, rewards_ = scored.examples, scored.questions, scored.rollouts, scored.rewards
         with timed(times, "build_s"):
             responses = rollout.responses(rollouts)
             answers, solutions = rollout.reference_tokens(self.tokenizer, examples)
@@ -401,6 +501,7 @@ class Run:
             response_length=float(every["lengths"].mean()),
             truncated=float(every["truncated"].mean()),
             teacher_truncations=int(every["teacher_truncations"].sum()),
+            refill_batches=refills,
             tokens_per_s=float(every["lengths"].sum() / sum(times.values())),
             **times,
         )

@@ -38,6 +38,9 @@ TEACHERS = {
     "rlsd": dict(context="answer", peer_rule="uniform", strip_think=False),
 }
 NO_TEACHER = dict(context="none", peer_rule="uniform", strip_think=False)
+# Optimizer steps per rollout batch as published (a preset not listed: 1, on-policy): DAPO makes
+# 16 minibatch updates of each 512-prompt batch, GSPO splits each batch into 4 minibatches.
+MINIBATCHES = {"dapo": 16, "gspo": 4}
 
 
 class ConfigError(ValueError):
@@ -55,6 +58,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     Fields of `config.loss` that are `None` take the preset's value (DAPO's overlong buffer is
     at most a quarter of the response limit: 1024 of 4096 in the recipe); `hindsight.context`
     `hindsight.peer_rule` and `hindsight.strip_think` left `None` take the preset's (`TEACHERS`).
+    An unset `train.minibatches_per_step` takes the preset's published count (`MINIBATCHES`),
+    lowered to the largest count whose minibatches split into whole micro-batches.
     """
     name = config.loss.name
     _need(name in losses.PRESETS, f"config.loss.name={name!r} is not a loss preset; use one of {', '.join(losses.PRESETS)}.")
@@ -68,6 +73,10 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for field, value in TEACHERS.get(name, NO_TEACHER).items():
         if resolved.hindsight[field] is None:
             resolved.hindsight[field] = value
+    if resolved.train.minibatches_per_step is None:
+        micro_batches = resolved.data.questions_per_step * resolved.sampling.group_size // resolved.train.micro_batch
+        fitting = [k for k in range(1, MINIBATCHES.get(name, 1) + 1) if micro_batches % k == 0]
+        resolved.train.minibatches_per_step = max(fitting or [1])
     return resolved
 
 
@@ -131,14 +140,19 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
     _need(o.max_grad_norm > 0, f"config.optimizer.max_grad_norm={o.max_grad_norm} must be > 0.")
     if t.sft_warmup_steps:
         _need(t.sft_learning_rate > 0, f"config.train.sft_learning_rate={t.sft_learning_rate} must be > 0.")
-    for field in ("checkpoint_every", "log_every", "eval_samples", "max_to_keep", "micro_batch"):
+    for field in ("checkpoint_every", "log_every", "eval_samples", "max_to_keep", "micro_batch", "ppo_epochs",
+                  "minibatches_per_step"):
         _need(t[field] >= 1, f"config.train.{field}={t[field]} must be >= 1.")
-    for field in ("steps", "eval_every", "sft_warmup_steps"):
+    for field in ("steps", "eval_every", "sft_warmup_steps", "max_refill_batches"):
         _need(t[field] >= 0, f"config.train.{field}={t[field]} must be >= 0.")
     rollouts = c.data.questions_per_step * c.sampling.group_size
     _need(rollouts % t.micro_batch == 0,
           f"config.train.micro_batch={t.micro_batch} must divide the {rollouts} rollouts of a step "
           "(data.questions_per_step x sampling.group_size).")
+    _need(rollouts % (t.micro_batch * t.minibatches_per_step) == 0,
+          f"config.train.minibatches_per_step={t.minibatches_per_step} minibatches of the {rollouts} rollouts of a "
+          f"step do not split into micro-batches of train.micro_batch={t.micro_batch}; choose a count dividing "
+          f"{rollouts // t.micro_batch}.")
     _need(c.data.questions_per_step % jax.process_count() == 0,
           f"config.data.questions_per_step={c.data.questions_per_step} must be a multiple of the "
           f"{jax.process_count()} processes.")

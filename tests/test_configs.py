@@ -108,6 +108,20 @@ def test_explicit_fields_override_the_preset(tmp_path):
     assert validation.resolve(resolved).to_dict() == resolved.to_dict()  # idempotent
 
 
+@pytest.mark.parametrize("module, name, minibatches", [
+    ("qwen3_8b", "dapo", 16), ("qwen3_8b", "gspo", 4), ("qwen3_8b", "grpo", 1), ("qwen3_8b", "hsd", 1),
+    ("tiny", "gspo", 1),  # 32 rollouts in micro-batches of 32: one minibatch is all that splits
+    ("tiny", "dapo", 1),
+])
+def test_minibatches_per_step_default_to_the_published_count_that_fits(module, name, minibatches, tmp_path):
+    resolved = validation.resolve(config_of(module, name, tmp_path))
+    assert resolved.train.minibatches_per_step == minibatches
+    micro = config_of(module, name, tmp_path, train__micro_batch=4)  # tiny: 8 micro-batches
+    expected = {("tiny", "gspo"): 4, ("tiny", "dapo"): 8}.get((module, name), minibatches)
+    assert validation.resolve(micro).train.minibatches_per_step == expected
+    assert validation.resolve(config_of(module, name, tmp_path, train__minibatches_per_step=2)).train.minibatches_per_step == 2
+
+
 def rejected(config, *fragments):
     with pytest.raises(validation.ConfigError) as error:
         validation.validate(validation.resolve(config))
@@ -138,6 +152,8 @@ def test_unknown_loss_name_is_rejected_with_the_choices(tmp_path):
     ("hindsight__peer_rule", "random", "config.hindsight.peer_rule='random'"),
     ("hindsight__context", "everything", "config.hindsight.context='everything'"),
     ("data__kind", "poetry", "config.data.kind='poetry'"),
+    ("train__ppo_epochs", 0, "config.train.ppo_epochs=0"),
+    ("train__minibatches_per_step", 3, "config.train.minibatches_per_step=3"),  # 32 rollouts, micro-batch 32
 ])
 def test_bad_values_name_the_field(field, value, fragment, tmp_path):
     rejected(config_of(workdir=tmp_path, **{field: value}), fragment)

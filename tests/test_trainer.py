@@ -30,7 +30,8 @@ G = 4
 REWARDS = np.array([1, 0, 0, 1, 0, 0, 0, 0], np.float32)  # group 0: two successes; group 1: none
 SGD = optax.sgd(1.0)  # one step moves every parameter by minus its gradient
 ADAM = optax.adam(1e-3)
-update = jax.jit(trainer.update_step, static_argnames=("graphdef", "optimizer", "cfg", "micro_batches", "mesh"))
+update = jax.jit(trainer.update_step,
+                 static_argnames=("graphdef", "optimizer", "cfg", "micro_batches", "minibatches", "epochs", "mesh"))
 
 
 def loss_cfg(name: str) -> losses.LossConfig:
@@ -129,6 +130,84 @@ def one_step(s, cfg, train_batch, *, micro_batches, optimizer=SGD, mesh=None, pa
     ref_params = s["ref_params"] if ref_params is None else ref_params
     return update(state, ref_params, train_batch, graphdef=s["graphdef"], optimizer=optimizer, cfg=cfg,
                   micro_batches=micro_batches, mesh=mesh)
+
+
+def ppo_reference(s, cfg, advantages, schedule, learning_rate):
+    """Float64 torch PPO: old log-probs from the initial policy, then one SGD step per entry of
+    `schedule` (the rows of that minibatch) on the mean over its rows of the row objective:
+    token ratio (GRPO): mean_t max(-A r_t, -A clip(r_t)); sequence ratio (GSPO): the same of
+    r = exp(mean_t(log p - log p_old)). Returns (final policy, clipped-token fraction per step)."""
+    policy = copy.deepcopy(s["policy"])
+    prompts = [student_prompt(s, b) for b in range(len(s["responses"]))]
+
+    def row_logprobs(b):
+        response = s["responses"][b]
+        logp = response_logprobs(policy, prompts[b], response)
+        return logp[torch.arange(len(response)), torch.as_tensor(response, dtype=torch.long)]
+
+    with torch.no_grad():
+        old = [row_logprobs(b) for b in range(len(prompts))]
+    clipped = []
+    for rows in schedule:
+        policy.zero_grad()
+        losses_, flags = [], []
+        for b in rows:
+            log_ratio = row_logprobs(b) - old[b]
+            ratio = torch.exp(log_ratio.mean()) if cfg.ratio_level == "sequence" else torch.exp(log_ratio)
+            a = float(advantages[b])
+            unclipped, clip = -a * ratio, -a * torch.clamp(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high)
+            losses_.append(torch.maximum(unclipped, clip).mean())
+            flags.append(torch.broadcast_to(clip > unclipped, log_ratio.shape).double())
+        torch.stack(losses_).mean().backward()
+        with torch.no_grad():
+            for p in policy.parameters():
+                p -= learning_rate * p.grad
+        clipped.append(float(torch.cat(flags).mean()))
+    return policy, clipped
+
+
+@pytest.mark.parametrize("name, minibatches, epochs", [("gspo", 2, 1), ("grpo", 2, 1), ("gspo", 1, 2)])
+def test_ppo_updates_after_the_first_follow_the_float64_clipped_objective(setup, name, minibatches, epochs):
+    """Several optimizer steps per rollout batch: the ratio to the sampling policy (one forward
+    pass before the first step) leaves 1 and clipping acts, GSPO on the sequence ratio."""
+    s, learning_rate = setup, 0.3
+    cfg = losses.preset(name, beta=0.0, chunk_size=4, max_response_length=16)
+    advantages = np.array([0.9, -0.7, -1.1, 0.5, 0.3, -0.4, 1.2, -0.8], np.float32)
+    train_batch = dataclasses.replace(s["batch"], advantages=advantages)
+    rows = np.arange(8)
+    schedule = [rows[k::minibatches] for k in range(minibatches)] * epochs  # minibatch k: rows k, k + K, ...
+    policy, clipped = ppo_reference(s, cfg, advantages, schedule, learning_rate)
+    optimizer = optax.sgd(learning_rate)
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), s["params"], optimizer.init(s["params"]))
+    new, metrics, _ = update(state, None, train_batch, graphdef=s["graphdef"], optimizer=optimizer, cfg=cfg,
+                             micro_batches=1, minibatches=minibatches, epochs=epochs)
+
+    assert int(new.step) == 1 and float(metrics["optimizer_steps"]) == minibatches * epochs
+    assert clipped[0] == 0 and clipped[-1] > 0  # the first step is on-policy; the ratio then leaves the band
+    assert float(metrics["clip_frac"]) == pytest.approx(np.mean(clipped), abs=1e-6)
+    expected = {key: p.detach().numpy() for key, p in policy.named_parameters()}
+    moved = max(np.abs(expected[k] - p.detach().numpy()).max() for k, p in s["policy"].named_parameters())
+    assert moved > 1e-3
+    for key, value in hf_named(s, new.params).items():
+        np.testing.assert_allclose(value, expected[key], atol=2e-5 * moved, err_msg=key)
+
+
+def test_gspo_and_grpo_differ_only_once_the_ratio_leaves_one(setup):
+    """On-policy (one step) GSPO's gradient is GRPO's; over two minibatch steps they differ."""
+    s, optimizer = setup, optax.sgd(0.3)
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), s["params"], optimizer.init(s["params"]))
+    final = {}
+    for name in ("grpo", "gspo"):
+        for minibatches in (1, 2):
+            cfg = losses.preset(name, beta=0.0, chunk_size=4, max_response_length=16)
+            new, metrics, _ = update(jax.tree.map(jnp.copy, state), None, s["batch"], graphdef=s["graphdef"],
+                                     optimizer=optimizer, cfg=cfg, micro_batches=2, minibatches=minibatches)
+            final[name, minibatches] = new.params
+            if minibatches == 1:
+                assert float(metrics["clip_frac"]) == 0
+    gap = lambda a, b: max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert gap(final["grpo", 1], final["gspo", 1]) < 1e-6
+    assert gap(final["grpo", 2], final["gspo", 2]) > 1e-4
 
 
 def hf_named(s, state):
@@ -368,3 +447,45 @@ def test_sdpo_variant_keeps_an_ema_teacher_and_strips_demonstrations_think_block
     assert config.hindsight.strip_think is True and config.hindsight.context == "peer"
     hsd = validation.resolve(importlib.import_module("configs.tiny").get_config("hsd"))
     assert validation.loss_config(hsd).teacher_ema == 0.0 and hsd.hindsight.strip_think is False
+
+
+class ScriptedRun:
+    """What `trainer.Run.collect` reads of a run: question batches of 2 examples (ids 0, 1 | 2, 3 | ...)
+    and a sampler whose G = 4 rollouts of example i are tokens [i, i, i] with rewards GROUP_REWARDS[i]."""
+
+    GROUP_REWARDS = [[0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 1]]
+
+    def __init__(self, name, max_refill_batches):
+        self.loss_cfg = losses.preset(name)
+        self.config = ml_collections.ConfigDict(dict(train=dict(max_refill_batches=max_refill_batches),
+                                                     sampling=dict(group_size=G)))
+        self.data_iter = iter([[{"id": i}, {"id": i + 1}] for i in range(0, len(self.GROUP_REWARDS), 2)])
+        self.tokenizer, self.data_kind, self.calls = None, "math", []
+
+    def sample(self, params, questions, stream, fold=None):
+        self.calls.append((stream, fold))
+        ids = np.repeat([int(q[0]) for q in questions], G)
+        return sampling.Rollouts(tokens=np.repeat(ids[:, None], 3, 1), logprobs=np.zeros((len(ids), 3), np.float32),
+                                 lengths=np.full(len(ids), 3), truncated=np.zeros(len(ids), bool),
+                                 prompt_index=np.repeat(np.arange(len(questions)), G))
+
+
+@pytest.mark.parametrize("name, limit, refills, kept, streams", [
+    ("grpo", 10, 0, [0, 1], [(trainer.STREAM_SAMPLE, None)]),  # no dynamic sampling: the first batch as drawn
+    ("dapo", 10, 2, [2, 4], [(trainer.STREAM_SAMPLE, None), (trainer.STREAM_REFILL, 1), (trainer.STREAM_REFILL, 2)]),
+    ("dapo", 1, 1, [2, 0], [(trainer.STREAM_SAMPLE, None), (trainer.STREAM_REFILL, 1)]),  # topped up, masked later
+], ids=["grpo", "dapo-refills-until-full", "dapo-stops-at-the-limit"])
+def test_dapo_dynamic_sampling_draws_question_batches_until_the_groups_are_mixed(monkeypatch, name, limit, refills,
+                                                                                  kept, streams):
+    run = ScriptedRun(name, limit)
+    monkeypatch.setattr(trainer.rollout, "question_tokens", lambda tok, examples, kind: [np.array([ex["id"]]) for ex in examples])
+    monkeypatch.setattr(trainer.rollout, "score", lambda scorer, tok, examples, rollouts: (
+        np.array([r for ex in examples for r in ScriptedRun.GROUP_REWARDS[ex["id"]]], np.float32), None))
+    times = {}
+    scored, drawn = trainer.Run.collect(run, None, None, times)
+    assert drawn == refills and run.calls == streams and set(times) == {"sample_s", "score_s"}
+    assert [ex["id"] for ex in scored.examples] == kept
+    np.testing.assert_array_equal(scored.rewards, [r for i in kept for r in ScriptedRun.GROUP_REWARDS[i]])
+    np.testing.assert_array_equal(scored.rollouts.tokens[:, 0], np.repeat(kept, G))
+    np.testing.assert_array_equal(scored.rollouts.prompt_index, np.repeat([0, 1], G))
+    assert [int(q[0]) for q in scored.questions] == kept
