@@ -96,6 +96,9 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
             # batch with groups of mixed rewards (loss.drop_degenerate_groups)
             max_refill_batches=10,
             sft_warmup_steps=0,  # supervised steps on reference solutions before RL (toy task)
+            # start RL from these params (e.g. another run's <workdir>/warmup_policy) instead of
+            # the model's weights and the warm-up
+            init_params="",
             sft_learning_rate=1e-3,
             log_every=1,
             checkpoint_every=50,

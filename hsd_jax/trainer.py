@@ -508,8 +508,9 @@ class Run:
         return metrics
 
     def warm_up(self) -> None:
-        """The supervised warm-up (warmup.py) on the run's validated training examples, then fresh
-        optimizer state; with a reference KL the warmed-up policy becomes its pi_0 (saved for resumes)."""
+        """The supervised warm-up (warmup.py) on the run's validated training examples, then
+        `start_from` the warmed-up policy, saved to <workdir>/warmup_policy (pi_0 on resume, and a
+        shared starting point for other runs: `train.init_params`)."""
         c = self.config
         make_batch = partial(
             warmup.warmup_batch, tokenizer=self.tokenizer, template=self.template, eos_id=self.sampling_cfg.eos_ids[0],
@@ -536,10 +537,15 @@ class Run:
                 rows_per_step=c.data.questions_per_step * c.sampling.group_size // 2, chunk_size=self.loss_cfg.chunk_size,
                 mesh=self.mesh, rng=np.random.default_rng([c.seed, STREAM_WARMUP]), on_step=on_step,
             )
+        self.start_from(params)
+        save_params(self.warmup_path, params)
+
+    def start_from(self, params) -> None:
+        """RL starts from `params` (warmed up, or `train.init_params`): fresh optimizer state (and
+        EMA teacher); with a reference KL they are its pi_0."""
         self.state = init_state(params, self.optimizer, self.loss_cfg.teacher_ema > 0)
         if self.ref_params is not None:
             self.ref_params = jax.tree.map(jnp.copy, params)
-            save_params(self.warmup_path, params)
 
     def evaluate(self, scorer: rewards.Scorer) -> dict[str, float]:
         """avg@n / pass@1 on the eval files' validated examples at the sampling temperature.
@@ -569,8 +575,9 @@ class Run:
             return None
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
         self.state, data_state, saved = self.checkpointer.restore(step, abstract)
-        if self.ref_params is not None and os.path.isdir(self.warmup_path):
-            self.ref_params = restore_params(self.warmup_path, abstract.params)
+        initial = self.config.train.init_params or self.warmup_path
+        if self.ref_params is not None and os.path.isdir(initial):
+            self.ref_params = restore_params(initial, abstract.params)
         self.data_iter.set_state(data_state)
         if saved.get("loss") != self.config.to_dict().get("loss"):
             logger.warning("resuming step %d with a different loss config than it was saved with", step)
@@ -578,7 +585,7 @@ class Run:
         return step
 
     def train(self) -> None:
-        """Resume or warm up (and evaluate pi_0), then RL steps with eval, logging and checkpoints.
+        """Resume, or start from `train.init_params`, or warm up (and evaluate pi_0), then RL steps with eval, logging and checkpoints.
 
         Raises NonFiniteUpdates after `train.max_skipped_updates` consecutive skipped updates.
         """
@@ -594,7 +601,12 @@ class Run:
             limits = SandboxLimits(allow_same_uid=c.data.code_allow_same_uid)
             with rewards.Scorer(c.data.kind, code_limits=limits) as scorer:
                 if resumed is None:
-                    if c.train.sft_warmup_steps:
+                    if c.train.init_params:
+                        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                                self.state.params)
+                        self.start_from(restore_params(os.path.abspath(c.train.init_params), abstract))
+                        self.print(f"starting from the params in {c.train.init_params}")
+                    elif c.train.sft_warmup_steps:
                         self.warm_up()
                     if c.train.eval_every:
                         self.reporter.log(0, self.evaluate(scorer))

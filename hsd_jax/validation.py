@@ -117,6 +117,10 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
     if config.tokenizer_path:
         _need(os.path.isdir(config.tokenizer_path),
               f"config.tokenizer_path={config.tokenizer_path!r} is not a directory; point it at a local HF tokenizer.")
+    if config.train.init_params:
+        _need(os.path.isdir(config.train.init_params),
+              f"config.train.init_params={config.train.init_params!r} is not a directory; point it at saved params "
+              "(a run's <workdir>/warmup_policy).")
     for field in ("train_files", "eval_files"):
         for path in split_files(d[field]):
             _need(os.path.isfile(path), f"config.data.{field}: {path!r} does not exist.")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -162,3 +163,26 @@ def test_warm_up_without_solutions_names_the_missing_field(quiet, tmp_path, monk
     monkeypatch.setattr(run, "train_files", [write_jsonl(tmp_path / "train.jsonl", rows)])
     with pytest.raises(ValueError, match="needs a 'solution' in every training row"):
         run.warm_up()
+
+
+def test_a_run_starts_from_init_params_with_fresh_optimizer_state(quiet, tmp_path, monkeypatch):
+    """The warm-up saves its policy; another run given it as train.init_params starts RL there
+    (step 0, fresh optimizer state, pi_0 of the reference KL), skipping its own warm-up."""
+    run = quiet
+    run.warm_up()
+    warmed = jax.device_get(run.state.params)
+    assert os.path.isdir(run.warmup_path)
+    run.state = trainer.init_state(jax.tree.map(lambda p: p + 1.0, run.state.params), run.optimizer)
+    run.state = dataclasses.replace(run.state, step=run.state.step + 5)
+    monkeypatch.setattr(run.config.train, "init_params", run.warmup_path)
+    monkeypatch.setattr(run, "warm_up", lambda: pytest.fail("a run with init_params does not warm up"))
+    monkeypatch.setattr(run, "loop", lambda scorer: None)
+    monkeypatch.setattr(run, "workdir", str(tmp_path))
+    monkeypatch.setattr(run.config.train, "eval_every", 0)
+    run.train()
+    assert int(run.state.step) == 0
+    for got, want, ref in zip(jax.tree.leaves(run.state.params), jax.tree.leaves(warmed), jax.tree.leaves(run.ref_params)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+        np.testing.assert_array_equal(np.asarray(ref), want)
+    for moment in jax.tree.leaves(run.state.opt_state):
+        assert not np.asarray(moment).any()  # Adam's count and moments start at 0
