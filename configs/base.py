@@ -73,6 +73,9 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
             context=config_dict.placeholder(str),
             peer_rule=config_dict.placeholder(str),
             max_teacher_len=4096 + 1024 + 4096 + 512,
+            # code rows: HSD's reference a* is the unit-test bundle as text, cut to whole tests
+            # within this many tokens (rewards.code.render_tests)
+            max_tests_tokens=1024,
             # HSD's teacher reads the peer's whole path, reasoning included; SDPO strips it
             strip_think=config_dict.placeholder(bool),
             # student/teacher/response lengths pad to the smallest bucket that fits: few shapes, few compiles

@@ -373,7 +373,8 @@ class Run:
             rewards_, _ = rollout.score(scorer, self.tokenizer, examples, rollouts)
         with timed(times, "build_s"):
             responses = rollout.responses(rollouts)
-            answers, solutions = rollout.reference_tokens(self.tokenizer, examples)
+            answers, solutions = rollout.reference_tokens(self.tokenizer, examples,
+                                                          max_tests_tokens=self.config.hindsight.max_tests_tokens)
             train_batch, peers, teacher = batch_lib.from_rollouts(
                 self.template, questions, answers, solutions, rollouts, responses, rewards_,
                 hindsight_cfg=self.config.hindsight, loss_cfg=self.loss_cfg,

@@ -155,12 +155,14 @@ def _check_hindsight(config: ml_collections.ConfigDict, loss_cfg: losses.LossCon
     _need(not (loss_cfg.needs_teacher and h.context == "none"),
           f"config.loss.name={c.loss.name!r} needs a teacher but config.hindsight.context='none'; "
           "set it (e.g. 'peer_answer' for HSD, 'answer' for OPSD).")
-    _need(not (c.data.kind == "code" and h.context in ("answer", "peer_answer")),
-          f"config.hindsight.context={h.context!r} needs reference answers, which code rows do not have; use 'peer' or 'none'.")
+    _need(h.max_tests_tokens >= 1, f"config.hindsight.max_tests_tokens={h.max_tests_tokens} must be >= 1.")
     needed = c.data.max_prompt_len + c.sampling.max_new_tokens
+    what = "question and rollout"
+    if c.data.kind == "code" and h.context in ("answer", "peer_answer"):  # the tests stand in for the answer
+        needed, what = needed + h.max_tests_tokens, "question, tests (hindsight.max_tests_tokens) and rollout"
     _need(h.context == "none" or h.max_teacher_len >= needed + 64,
-          f"config.hindsight.max_teacher_len={h.max_teacher_len} leaves no room for the teacher's context: the question "
-          f"and rollout alone may take {needed} tokens; raise it (the recipe uses ~2 x that).")
+          f"config.hindsight.max_teacher_len={h.max_teacher_len} leaves no room for the teacher's context: the {what} "
+          f"alone may take {needed} tokens; raise it (the recipe uses ~2 x that).")
 
 
 def validate(config: ml_collections.ConfigDict) -> losses.LossConfig:
