@@ -97,3 +97,43 @@ def test_teacher_length_must_hold_the_tests_budget_for_code(tmp_path):
     config.hindsight.max_teacher_len += 1
     validation.validate(validation.resolve(config))
     rejected(code_config(tmp_path, hindsight__max_tests_tokens=0), "config.hindsight.max_tests_tokens=0")
+
+
+# Only the trusted programs below run in the sandbox; where it would keep the tester's uid the test
+# opts in, as tests/test_rewards_code.py does, with small limits.
+LIMITS = code.SandboxLimits(timeout_s=30.0, memory_bytes=256 << 20, max_processes=8, max_output_bytes=1 << 20,
+                            allow_same_uid=code.runs_as_caller(code.sandbox_isolation()))
+DOUBLE = "```python\nprint(2 * int(input()))\n```"
+TRIPLE = "```python\nprint(3 * int(input()))\n```"
+
+
+def test_mixed_batches_score_each_row_with_its_kinds_verifier():
+    from hsd_jax.rewards import Scorer
+
+    rows = [{"question": "3 + 4?", "answer": "7", "kind": "math"},
+            {"question": "double it", "tests": STDIO, "kind": "code"},
+            {"question": "2 * 4?", "answer": "8", "kind": "math"},
+            {"question": "double it", "tests": STDIO, "kind": "code"}]
+    completions = [r"\boxed{7}", r"\boxed{6}", DOUBLE, TRIPLE, r"\boxed{8}", r"\boxed{8}", "no code", DOUBLE]
+    truncated = np.array([False, False, False, False, True, False, False, True])
+    with Scorer(("toy", "code"), num_workers=2, code_limits=LIMITS) as mixed:
+        rewards, reasons = mixed(rows, completions, truncated=truncated)  # G = 2 completions per row
+    expected = []  # a per-row loop over single-kind scorers
+    with Scorer("toy") as toy, Scorer("code", num_workers=1, code_limits=LIMITS) as coder:
+        for b, completion in enumerate(completions):
+            row = {k: v for k, v in rows[b // 2].items() if k != "kind"}
+            single = toy if "answer" in row else coder
+            expected.append((0.0, "truncated") if truncated[b] else tuple(x[0] for x in single([row], [completion])))
+    assert list(zip(rewards.tolist(), reasons)) == expected
+    assert reasons == ["correct", "wrong", "correct", "wrong", "truncated", "correct", "no_answer", "truncated"]
+
+
+def test_rows_need_a_kind_the_scorer_verifies():
+    from hsd_jax.rewards import Scorer
+
+    with Scorer("toy") as toy:
+        assert toy([{"answer": "7"}], [r"\boxed{7}"])[1] == ["correct"]  # one verifier: no kind needed
+        with pytest.raises(ValueError, match="kind 'code'"):
+            toy([{"tests": STDIO, "kind": "code"}], [DOUBLE])
+    with pytest.raises(ValueError, match="one verifier per row kind"):
+        Scorer(("math", "toy"))
