@@ -2,8 +2,8 @@
 
 Schemas (one JSON object per JSONL line, or one Parquet row):
 - math: `{"question": str, "answer": str | number, "solution": str (optional)}`
-- code: `{"question": str, "tests": tests, "fn_name": str (optional)}`, `tests` in a format
-  `hsd_jax.rewards.code.normalize_tests` accepts (APPS or LiveCodeBench style).
+- code: `{"question": str, "tests": tests, "fn_name": str (optional), "solution": str (optional)}`,
+  `tests` in a format `hsd_jax.rewards.code.normalize_tests` accepts (APPS or LiveCodeBench style).
 A row that fails validation (including a JSONL line that is not valid UTF-8 or JSON) is skipped
 and counted by reason in `DataStats` (and logged), never raised; so is a prompt longer than
 `max_prompt_len` tokens. What does raise, naming the file: a missing file, an unknown format,
@@ -22,7 +22,8 @@ after N batches yields exactly the batches an uninterrupted iterator yields afte
 
 The toy task (`toy_problem`, `write_toy_dataset`, `build_toy_tokenizer`) is the embedded
 multi-step arithmetic task of `configs/tiny.py`: no downloads, verified by
-`hsd_jax.rewards.math.exact_match`.
+`hsd_jax.rewards.math.exact_match`. Its code twin (`toy_code_problem`) asks for a two-line
+program with stdin/stdout tests, verified in the code sandbox.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import logging
 import os
 import random
 import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -48,8 +49,8 @@ CODE_INSTRUCTION = ("Write a complete Python 3 solution (the requested function,
                     "reading stdin and writing stdout) in a single ```python code block.")
 _INSTRUCTIONS = {"math": MATH_INSTRUCTION, "code": CODE_INSTRUCTION}
 _SCHEMAS = {"math": '{"question": str, "answer": str | number, "solution": str (optional)}',
-            "code": '{"question": str, "tests": tests, "fn_name": str (optional)}, tests in '
-                    "APPS or LiveCodeBench format"}
+            "code": '{"question": str, "tests": tests, "fn_name": str (optional), "solution": str '
+                    '(optional)}, tests in APPS or LiveCodeBench format'}
 
 
 class RowError(ValueError):
@@ -104,8 +105,6 @@ def validate_row(row: Any, kind: str) -> dict:
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             answer = str(answer)
         clean["answer"] = _require_text({"answer": answer}, "answer")
-        if row.get("solution") is not None:
-            clean["solution"] = _require_text(row, "solution")
     elif kind == "code":
         fn_name = row.get("fn_name")
         if fn_name is not None and not isinstance(fn_name, str):
@@ -119,6 +118,8 @@ def validate_row(row: Any, kind: str) -> dict:
             clean["fn_name"] = fn_name
     else:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if row.get("solution") is not None:
+        clean["solution"] = _require_text(row, "solution")
     return clean
 
 
@@ -360,6 +361,30 @@ def toy_problem(rng: random.Random) -> dict:
     return {"question": f"What is {expr}?", "answer": str(value), "solution": solution}
 
 
+def toy_code_problem(rng: random.Random) -> dict:
+    """One toy code problem `{question, tests, solution}` (code schema): a program that reads an
+    integer n from stdin and prints a 1-2 operation expression of it (+, -, *, small operands; the
+    expression reads as Python evaluates it). Three stdin/stdout tests; the solution is the
+    program in a ```python block."""
+    expr, ops = "n", []
+    for _ in range(rng.randint(1, 2)):
+        op, operand = rng.choice("+-*"), rng.randint(2, 9)
+        if op == "*" and ("+" in expr or "-" in expr):  # applied left to right, as computed below
+            expr = f"({expr})"
+        expr = f"{expr} {op} {operand}"
+        ops.append((op, operand))
+
+    def value(n: int) -> int:
+        for op, operand in ops:
+            n = n + operand if op == "+" else n - operand if op == "-" else n * operand
+        return n
+
+    inputs = rng.sample(range(50), 3)
+    return {"question": f"Read an integer n and print {expr}.",
+            "tests": {"inputs": [f"{n}\n" for n in inputs], "outputs": [f"{value(n)}\n" for n in inputs]},
+            "solution": f"```python\nn = int(input())\nprint({expr})\n```"}
+
+
 def write_atomically(path: str, text: str) -> None:
     """Writes `text` to `path` through a private temporary file and a rename: processes that write
     the same file at once never read a partial one."""
@@ -369,10 +394,11 @@ def write_atomically(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_toy_dataset(path: str, n: int, seed: int) -> str:
-    """Writes `n` toy problems (math schema JSONL) to `path`, deterministically from `seed`."""
+def write_toy_dataset(path: str, n: int, seed: int, problem: Callable[[random.Random], dict] = toy_problem) -> str:
+    """Writes `n` toy problems (JSONL: math schema, or code schema with `problem=toy_code_problem`)
+    to `path`, deterministically from `seed`."""
     rng = random.Random(seed)
-    write_atomically(path, "".join(json.dumps(toy_problem(rng)) + "\n" for _ in range(n)))
+    write_atomically(path, "".join(json.dumps(problem(rng)) + "\n" for _ in range(n)))
     return path
 
 

@@ -137,3 +137,27 @@ def test_rows_need_a_kind_the_scorer_verifies():
             toy([{"tests": STDIO, "kind": "code"}], [DOUBLE])
     with pytest.raises(ValueError, match="one verifier per row kind"):
         Scorer(("math", "toy"))
+
+
+def test_toy_code_problems_are_deterministic_and_their_solutions_pass_their_tests(tmp_path):
+    import random
+    import re
+
+    from hsd_jax import data
+
+    path = data.write_toy_dataset(str(tmp_path / "code.jsonl"), 6, seed=3, problem=data.toy_code_problem)
+    rows, stats = data.load_rows(path, "code")
+    again, _ = data.load_rows(data.write_toy_dataset(str(tmp_path / "again.jsonl"), 6, seed=3,
+                                                     problem=data.toy_code_problem), "code")
+    assert rows == again and stats.kept == 6 and not stats.skipped
+    assert rows != data.load_rows(data.write_toy_dataset(str(tmp_path / "other.jsonl"), 6, seed=4,
+                                                         problem=data.toy_code_problem), "code")[0]
+    for row in rows:  # expected outputs by Python's own arithmetic
+        expr = re.fullmatch(r"Read an integer n and print (.*)\.", row["question"]).group(1)
+        for stdin, stdout in zip(row["tests"]["inputs"], row["tests"]["outputs"]):
+            assert stdout == f"{eval(expr, {'n': int(stdin)})}\n"
+    verifier = code.CodeVerifier(2, limits=LIMITS)
+    assert verifier([r["solution"] for r in rows], [r["tests"] for r in rows]) == [(1.0, "correct")] * 6
+    doubling = verifier([DOUBLE] * 6, [r["tests"] for r in rows])
+    assert any(reward == 0.0 for reward, _ in doubling)
+    assert data.toy_code_problem(random.Random(0)) == data.toy_code_problem(random.Random(0))
