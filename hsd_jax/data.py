@@ -9,10 +9,12 @@ and counted by reason in `DataStats` (and logged), never raised; so is a prompt 
 `max_prompt_len` tokens. What does raise, naming the file: a missing file, an unknown format,
 and (`check_files`, meant to run before model setup) a file without a single valid row.
 `prompt_examples` gives the examples a run uses (valid, short enough); `prompt_dataset` batches
-them.
+them; `mixture_dataset` batches several kinds, each step holding each kind's share of the rows
+(`mixture_counts`).
 
 An example (what a batch holds, a list of `batch_size` of them) is the validated row plus
-`"prompt"` (the rendered text) and `"prompt_ids"` (list[int]); treat it as read-only. Batches come
+`"kind"` ("math" or "code"), `"prompt"` (the rendered text, with the kind's instruction) and
+`"prompt_ids"` (list[int]); treat it as read-only. Batches come
 from a grain pipeline: all examples shuffled by seed, repeated for `num_epochs` (None: forever,
 reshuffled every epoch), cut into global batches of `batch_size x process_count` with the
 remainder dropped, and each global batch split into contiguous per-process slices (process p
@@ -246,7 +248,7 @@ def render_prompt(question: str, tokenizer: Any, kind: str = "math", *,
 
 def encode_prompts(rows: Sequence[dict], tokenizer: Any, kind: str, *, max_prompt_len: int,
                    stats: DataStats | None = None, **render_kwargs: Any) -> list[dict]:
-    """Examples (row + "prompt" + "prompt_ids") of the rows whose prompt has at most
+    """Examples (row + "kind" + "prompt" + "prompt_ids") of the rows whose prompt has at most
     `max_prompt_len` tokens; longer ones are counted in `stats` as "too_long"."""
     examples = []
     for i, row in enumerate(rows):
@@ -256,7 +258,7 @@ def encode_prompts(rows: Sequence[dict], tokenizer: Any, kind: str, *, max_promp
             if stats is not None:
                 stats.skip("too_long", f"row {i} ({len(ids)} > {max_prompt_len} tokens)")
             continue
-        examples.append({**row, "prompt": prompt, "prompt_ids": list(ids)})
+        examples.append({**row, "kind": kind, "prompt": prompt, "prompt_ids": list(ids)})
     if stats is not None:
         stats.kept = len(examples)
     return examples
@@ -281,39 +283,87 @@ def prompt_examples(paths: str | Sequence[str], kind: str, tokenizer: Any, *,
     return examples, stats
 
 
-def prompt_dataset(paths: str | Sequence[str], kind: str, tokenizer: Any, *, batch_size: int,
-                   max_prompt_len: int, seed: int = 0, num_epochs: int | None = None,
-                   shuffle: bool = True, process_index: int | None = None,
-                   process_count: int | None = None, template: str = "chat",
-                   enable_thinking: bool = True,
-                   instruction: str | None = None) -> tuple[grain.IterDataset, DataStats]:
-    """This process's slices (lists of `batch_size` examples) of global batches of `prompt_examples`.
+def mixture_examples(sources: Mapping[str, str | Sequence[str]], tokenizer: Any,
+                     **options: Any) -> tuple[list[dict], DataStats]:
+    """`prompt_examples` of each kind's files (`sources`: kind -> paths), concatenated in the
+    order of `sources`, and their counts added up. `options`: `prompt_examples`' keywords."""
+    examples, stats = [], DataStats()
+    for kind, paths in sources.items():
+        kind_examples, kind_stats = prompt_examples(paths, kind, tokenizer, **options)
+        examples += kind_examples
+        stats.add(kind_stats)
+    return examples, stats
 
-    `batch_size` is per process; the global batch is `batch_size x process_count` (module
+
+def mixture_counts(weights: Mapping[str, float], total: int) -> dict[str, int]:
+    """Rows of each kind in a batch of `total`: `total * weight / sum(weights)` rounded by largest
+    remainder (ties to the earlier kind), so they add up to `total`; e.g. math:4, code:1 of 128
+    -> 102 and 26."""
+    if not weights or min(weights.values()) <= 0:
+        raise ValueError(f"mixture weights must be positive, got {dict(weights)}")
+    shares = {kind: total * w / sum(weights.values()) for kind, w in weights.items()}
+    counts = {kind: int(share) for kind, share in shares.items()}
+    by_remainder = sorted(shares, key=lambda kind: -(shares[kind] - counts[kind]))  # stable: ties keep order
+    for kind in by_remainder[:total - sum(counts.values())]:
+        counts[kind] += 1
+    return counts
+
+
+def prompt_dataset(paths: str | Sequence[str], kind: str, tokenizer: Any, **options: Any
+                   ) -> tuple[grain.IterDataset, DataStats]:
+    """`mixture_dataset` of one kind: batches of `prompt_examples(paths, kind)`; `options` are
+    `mixture_dataset`'s keywords."""
+    return mixture_dataset({kind: paths}, {kind: 1.0}, tokenizer, **options)
+
+
+def mixture_dataset(sources: Mapping[str, str | Sequence[str]], weights: Mapping[str, float], tokenizer: Any, *,
+                    batch_size: int, max_prompt_len: int, seed: int = 0, num_epochs: int | None = None,
+                    shuffle: bool = True, process_index: int | None = None, process_count: int | None = None,
+                    template: str = "chat", enable_thinking: bool = True,
+                    instruction: str | None = None) -> tuple[grain.IterDataset, DataStats]:
+    """This process's slices (lists of `batch_size` examples) of global batches mixing kinds.
+
+    `sources`: kind -> paths; `weights`: kind -> weight (the same kinds). Every global batch of
+    `batch_size x process_count` examples holds `mixture_counts(weights, global size)` of each kind,
+    in the order of `sources`: the next ones of that kind's own stream (its `prompt_examples`
+    shuffled by `seed`, repeated for `num_epochs`; None: forever, reshuffled every epoch), so the
+    batches are a deterministic function of the seed and the step. The pipeline ends when the
+    first kind runs out. Each global batch is split into contiguous per-process slices (module
     docstring). Returns the grain IterDataset (`iter()` it for a checkpointable iterator) and the
-    load counts. Raises ValueError if fewer examples than one global batch survive.
+    load counts of all kinds. Raises ValueError if a kind has fewer examples than its share of
+    one global batch, or gets no row at all.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    examples, stats = prompt_examples(paths, kind, tokenizer, max_prompt_len=max_prompt_len,
-                                      template=template, enable_thinking=enable_thinking,
-                                      instruction=instruction)
+    if set(weights) != set(sources):
+        raise ValueError(f"weights {dict(weights)} and sources {list(sources)} must name the same kinds")
     if process_index is None or process_count is None:
         import jax
         process_index, process_count = jax.process_index(), jax.process_count()
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     global_size = batch_size * process_count
-    if len(examples) < global_size:
-        raise ValueError(f"{len(examples)} examples are fewer than one global batch of {global_size} "
-                         f"(batch_size={batch_size} x {process_count} processes; {stats.summary()}); add data, "
-                         "lower batch_size or raise max_prompt_len")
-    dataset = grain.MapDataset.source(list(examples))
-    if shuffle:
-        dataset = dataset.shuffle(seed=seed)
-    dataset = dataset.repeat(num_epochs).batch(global_size, drop_remainder=True, batch_fn=list)
+    counts = mixture_counts(weights, global_size)
+    streams, stats = [], DataStats()
+    for kind, paths in sources.items():
+        examples, kind_stats = prompt_examples(paths, kind, tokenizer, max_prompt_len=max_prompt_len,
+                                               template=template, enable_thinking=enable_thinking,
+                                               instruction=instruction)
+        stats.add(kind_stats)
+        if counts[kind] < 1:
+            raise ValueError(f"the mixture {dict(weights)} gives {kind} no row of a global batch of {global_size}; "
+                             f"raise its weight or the batch size")
+        if len(examples) < counts[kind]:
+            raise ValueError(f"{len(examples)} {kind} examples are fewer than its {counts[kind]} of a global batch of "
+                             f"{global_size} (batch_size={batch_size} x {process_count} processes; "
+                             f"{kind_stats.summary()}); add data, lower batch_size or raise max_prompt_len")
+        stream = grain.MapDataset.source(list(examples))
+        if shuffle:
+            stream = stream.shuffle(seed=seed)
+        streams.append(stream.repeat(num_epochs).batch(counts[kind], drop_remainder=True, batch_fn=list))
     start = process_index * batch_size
-    dataset = dataset.map(lambda examples: examples[start : start + batch_size])
+    step_slice = lambda step: [ex for stream in streams for ex in stream[step]][start : start + batch_size]
+    dataset = grain.MapDataset.range(min(len(stream) for stream in streams)).map(step_slice)
     # Examples are already in memory: read synchronously, no prefetch threads.
     return dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)), stats
 

@@ -161,3 +161,87 @@ def test_toy_code_problems_are_deterministic_and_their_solutions_pass_their_test
     doubling = verifier([DOUBLE] * 6, [r["tests"] for r in rows])
     assert any(reward == 0.0 for reward, _ in doubling)
     assert data.toy_code_problem(random.Random(0)) == data.toy_code_problem(random.Random(0))
+
+
+@pytest.mark.parametrize("weights,total,expected", [
+    ({"math": 4, "code": 1}, 128, {"math": 102, "code": 26}),  # 102.4 / 25.6
+    ({"math": 4, "code": 1}, 5, {"math": 4, "code": 1}),
+    ({"math": 4, "code": 1}, 4, {"math": 3, "code": 1}),  # 3.2 / 0.8: the larger remainder
+    ({"math": 1, "code": 1}, 3, {"math": 2, "code": 1}),  # a tie goes to the earlier kind
+    ({"code": 1, "math": 1}, 3, {"code": 2, "math": 1}),
+    ({"math": 100, "code": 1}, 4, {"math": 4, "code": 0}),
+])
+def test_mixture_counts_add_up_by_largest_remainder(weights, total, expected):
+    from hsd_jax import data
+
+    assert data.mixture_counts(weights, total) == expected
+
+
+@pytest.fixture(scope="module")
+def toy_sources(tmp_path_factory):
+    """The toy tokenizer, and toy math (20 rows) and toy code (7 rows) files."""
+    from transformers import AutoTokenizer
+
+    from hsd_jax import data
+
+    directory = tmp_path_factory.mktemp("mixture")
+    tokenizer = AutoTokenizer.from_pretrained(data.build_toy_tokenizer(str(directory / "tok")), local_files_only=True)
+    math_path = data.write_toy_dataset(str(directory / "math.jsonl"), 20, seed=1)
+    code_path = data.write_toy_dataset(str(directory / "code.jsonl"), 7, seed=2, problem=data.toy_code_problem)
+    return tokenizer, {"math": math_path, "code": code_path}
+
+
+def mixture_batches(toy_sources, steps, weights=None, seed=5, batch_size=5, process_index=0, process_count=1,
+                    state=None):
+    from hsd_jax import data
+
+    tokenizer, sources = toy_sources
+    dataset, _ = data.mixture_dataset(sources, weights or {"math": 4, "code": 1}, tokenizer, batch_size=batch_size,
+                                      max_prompt_len=512, seed=seed, process_index=process_index,
+                                      process_count=process_count)
+    iterator = iter(dataset)
+    if state is not None:
+        iterator.set_state(state)
+    return [next(iterator) for _ in range(steps)], iterator
+
+
+def test_mixture_steps_hold_each_kinds_share_from_its_own_stream(toy_sources):
+    from hsd_jax import data
+
+    tokenizer, sources = toy_sources
+    batches, _ = mixture_batches(toy_sources, 9)  # code: 7 rows, one per step: crosses an epoch
+    assert all([ex["kind"] for ex in batch] == ["math"] * 4 + ["code"] for batch in batches)
+    # each kind's rows are the batches of its own single-kind pipeline with the same seed
+    for kind, size, rows in (("math", 4, slice(0, 4)), ("code", 1, slice(4, 5))):
+        alone, _ = data.prompt_dataset(sources[kind], kind, tokenizer, batch_size=size, max_prompt_len=512, seed=5,
+                                       process_index=0, process_count=1)
+        alone = iter(alone)
+        assert [batch[rows] for batch in batches] == [next(alone) for _ in batches]
+    code_questions = [batch[4]["question"] for batch in batches]
+    assert len(set(code_questions[:7])) == 7 and set(code_questions[7:]) <= set(code_questions[:7])
+    assert batches[0][4]["prompt"].count("```python code block") == 1  # each row's kind instruction
+    assert "\\boxed{}" in batches[0][0]["prompt"]
+
+
+def test_mixture_is_deterministic_resumable_and_split_over_processes(toy_sources):
+    import json
+
+    first, _ = mixture_batches(toy_sources, 6)
+    again, _ = mixture_batches(toy_sources, 6)
+    other, _ = mixture_batches(toy_sources, 6, seed=6)
+    assert first == again and first != other
+    _, iterator = mixture_batches(toy_sources, 2)
+    state = json.loads(json.dumps(iterator.get_state()))
+    resumed, _ = mixture_batches(toy_sources, 4, state=state)
+    assert resumed == first[2:]
+    single, _ = mixture_batches(toy_sources, 3, batch_size=6)  # 6 at 4:1 -> 5 math (4.8) + 1 code (1.2)
+    halves = [mixture_batches(toy_sources, 3, batch_size=3, process_index=p, process_count=2)[0] for p in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == single
+    assert [ex["kind"] for ex in single[0]] == ["math"] * 5 + ["code"]
+
+
+def test_mixture_errors_name_the_kind(toy_sources):
+    with pytest.raises(ValueError, match="gives code no row"):
+        mixture_batches(toy_sources, 1, weights={"math": 100, "code": 1}, batch_size=4)
+    with pytest.raises(ValueError, match="7 code examples are fewer than its 8"):
+        mixture_batches(toy_sources, 1, weights={"math": 1, "code": 1}, batch_size=16)
