@@ -54,10 +54,12 @@ def warmup_batch(
     template: hindsight.TemplateTokens,
     *,
     eos_id: int,
-    kind: str,
     hindsight_cfg: ml_collections.ConfigDict,
+    kind: str = "math",
 ) -> batch_lib.TrainBatch:
     """The host batch of Q dataset rows: B = 2Q rows, each solution (+ EOS) twice as a group of peers.
+
+    Each row's prompt takes its own kind's instruction (its "kind" field; `kind` where it has none).
 
     The teacher context is HSD's (`peer_answer`): the answer (a code row's tests) and the solution;
     `hindsight_cfg` (`config.hindsight`) gives buckets, strip_think and max_tests_tokens. The RL fields keep their defaults.

@@ -245,3 +245,125 @@ def test_mixture_errors_name_the_kind(toy_sources):
         mixture_batches(toy_sources, 1, weights={"math": 100, "code": 1}, batch_size=4)
     with pytest.raises(ValueError, match="7 code examples are fewer than its 8"):
         mixture_batches(toy_sources, 1, weights={"math": 1, "code": 1}, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    """configs/tiny.py on toy math and toy code at 4:1 (5 questions: 4 math + 1 code per step)."""
+    import importlib
+
+    from hsd_jax import trainer
+
+    config = importlib.import_module("configs.tiny").get_config()
+    config.workdir = str(tmp_path_factory.mktemp("mixed_run"))
+    config.data.mixture = "math:4,code:1"
+    config.data.toy_examples = 8
+    config.data.questions_per_step = 5
+    config.data.max_prompt_len = 224  # the code instruction is spelled character by character
+    config.data.code_allow_same_uid = LIMITS.allow_same_uid
+    config.sampling.group_size = 2
+    config.sampling.max_new_tokens = 16
+    config.hindsight.max_tests_tokens = 64
+    config.hindsight.max_teacher_len = 384
+    config.train.micro_batch = 5
+    config.train.sft_warmup_steps = 0
+    config.train.steps = 1
+    return trainer.Run(config)
+
+
+def test_a_toy_mixture_trains_end_to_end_with_each_row_scored_by_its_kind(mixed_run, monkeypatch):
+    from hsd_jax import reporting
+
+    run, scored, references = mixed_run, [], []
+    score, reference_tokens = rollout.score, rollout.reference_tokens
+
+    def spy_score(scorer, tokenizer, examples, rollouts):
+        rewards, reasons = score(scorer, tokenizer, examples, rollouts)
+        scored.append((scorer.kinds, [ex["kind"] for ex in examples], reasons))
+        return rewards, reasons
+
+    def spy_references(tokenizer, examples, **options):
+        out = reference_tokens(tokenizer, examples, **options)
+        references.extend(zip([ex["kind"] for ex in examples], tokenizer.batch_decode(out[0])))
+        return out
+
+    monkeypatch.setattr(rollout, "score", spy_score)
+    monkeypatch.setattr(rollout, "reference_tokens", spy_references)
+    run.train()
+    assert [row["step"] for row in reporting.read_metrics(f"{run.workdir}/metrics.jsonl")] == [1]
+    assert (mixed_run.checkpointer.manager.directory / "1").is_dir()
+    assert [(kinds, rows) for kinds, rows, _ in scored] == [(("toy", "code"), ["math"] * 4 + ["code"])]
+    assert len(scored[0][2]) == 10  # G = 2 rollouts per question
+    code_references = [text for kind, text in references if kind == "code"]
+    assert len(code_references) == 1  # the step's code row
+    assert all(text.startswith("Input:\n") and len(run.tokenizer.encode(text)) <= 64 for text in code_references)
+
+
+def test_evaluation_reports_each_kind(mixed_run, tmp_path, monkeypatch):
+    import random
+
+    from hsd_jax import data, reporting
+
+    run = mixed_run
+    monkeypatch.setattr(run, "reporter", reporting.Reporter(str(tmp_path), run.config.train.steps, enabled=False))
+    monkeypatch.setattr(run.config.train, "eval_samples", 2)
+    math_rows = [data.toy_problem(random.Random(i)) for i in range(2)]
+    code_rows = [data.toy_code_problem(random.Random(i)) for i in range(1)]
+    monkeypatch.setattr(run, "eval_files", {"math": [str(write_rows(tmp_path / "m.jsonl", math_rows))],
+                                            "code": [str(write_rows(tmp_path / "c.jsonl", code_rows))]})
+    verdicts = {math_rows[0]["question"]: [1, 1], math_rows[1]["question"]: [0, 1], code_rows[0]["question"]: [0, 0]}
+
+    def scripted_scorer(examples, completions, truncated):
+        return np.array([v for ex in examples for v in verdicts[ex["question"]]], np.float32), ["x"] * len(completions)
+
+    metrics = run.evaluate(scripted_scorer)
+    assert metrics == pytest.approx({"eval/avg@2": 3 / 6, "eval/pass@1": 3 / 6, "eval/math/avg@2": 3 / 4,
+                                     "eval/math/pass@1": 3 / 4, "eval/code/avg@2": 0.0, "eval/code/pass@1": 0.0})
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_kind_files_and_mixture_parse_as_written(tmp_path):
+    assert validation.kind_files(" a.jsonl, code=c.jsonl ,,math=m.jsonl, x=y.jsonl", "math") == {
+        "math": ["a.jsonl", "m.jsonl", "x=y.jsonl"], "code": ["c.jsonl"]}
+    config = config_of("tiny", None, tmp_path, data__mixture="code:1, math:4")
+    assert validation.mixture(config) == {"code": 1.0, "math": 4.0}
+    assert validation.verifiers(config) == ("code", "toy")  # the toy task's math rows: exact match
+    assert validation.mixture(config_of("tiny", None, tmp_path)) == {"math": 1.0}
+
+
+MATH_FILE, CODE_FILE = str(ROOT / "examples" / "math.jsonl"), str(ROOT / "examples" / "code.jsonl")
+
+
+@pytest.mark.parametrize("overrides,fragments", [
+    (dict(data__mixture="math:4,cod:1"), ["config.data.mixture='math:4,cod:1'", "'cod' is not a kind"]),
+    (dict(data__mixture="math:x"), ["config.data.mixture='math:x'", "positive weight", "'math:4,code:1'"]),
+    (dict(data__mixture="math:0,code:1"), ["config.data.mixture='math:0,code:1'", "positive weight"]),
+    (dict(data__mixture="math"), ["config.data.mixture='math'", "kind:weight"]),
+    (dict(data__mixture="math:1,math:2"), ["config.data.mixture='math:1,math:2' names 'math' twice"]),
+    (dict(data__mixture="math:100,code:1"), ["config.data.mixture='math:100,code:1' gives code 0 of the 4",
+                                             "config.data.questions_per_step"]),
+    (dict(data__kind="math", data__mixture="math:4,code:1", data__train_files=MATH_FILE),
+     ["config.data.train_files has no code file for config.data.mixture='math:4,code:1'", "'code='"]),
+    (dict(data__kind="math", data__train_files=f"{MATH_FILE},code={CODE_FILE}"),
+     ["config.data.train_files has code files but config.data.kind='math' (no data.mixture) has no code rows"]),
+    (dict(data__kind="math", data__train_files=MATH_FILE, data__eval_files=f"code={CODE_FILE}"),
+     ["config.data.eval_files has code files"]),
+    (dict(data__kind="math", data__mixture="math:4,code:1", data__train_files=f"{MATH_FILE},code=/nonexistent/c.jsonl"),
+     ["config.data.train_files: '/nonexistent/c.jsonl' does not exist"]),
+])
+def test_bad_mixtures_name_the_field(overrides, fragments, tmp_path):
+    rejected(config_of("tiny", None, tmp_path, tokenizer_path=str(tmp_path), **overrides), *fragments)
+
+
+def test_a_math_and_code_mixture_of_files_validates_and_budgets_the_tests(tmp_path):
+    fields = dict(tokenizer_path=str(tmp_path), data__kind="math", data__mixture="math:4,code:1",
+                  data__train_files=f"{MATH_FILE},code={CODE_FILE}", data__eval_files=f"code={CODE_FILE}",
+                  hindsight__max_tests_tokens=64)
+    config = config_of("tiny", None, tmp_path, hindsight__max_teacher_len=96 + 64 + 64 + 64, **fields)
+    validation.validate(validation.resolve(config))
+    rejected(config_of("tiny", None, tmp_path, hindsight__max_teacher_len=96 + 64 + 64 + 63, **fields),
+             "config.hindsight.max_teacher_len", "hindsight.max_tests_tokens")
