@@ -43,14 +43,19 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(
         dict(
             kind="math",  # math | code | toy
-            train_files="",  # comma-separated JSONL/Parquet files
+            # comma-separated JSONL/Parquet files of data.kind's rows; prefix other kinds' with
+            # 'math=' / 'code=' (e.g. "m.jsonl,code=c.jsonl")
+            train_files="",
             eval_files="",
+            # kinds per step, e.g. "math:4,code:1" (the paper's mix; each step holds each kind's share
+            # of questions_per_step, rounded); "" = data.kind only. kind=toy: toy math and toy code
+            mixture="",
             questions_per_step=128,
             max_prompt_len=1024,
             template="chat",
             enable_thinking=True,
             toy_examples=0,  # kind=toy: problems generated into the workdir
-            # kind=code: run model-written programs under this process's own uid where the machine
+            # code rows: run model-written programs under this process's own uid where the machine
             # cannot give them one of their own (not root); they could then signal its processes
             code_allow_same_uid=False,
         )
@@ -73,6 +78,9 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
             context=config_dict.placeholder(str),
             peer_rule=config_dict.placeholder(str),
             max_teacher_len=4096 + 1024 + 4096 + 512,
+            # code rows: HSD's reference a* is the unit-test bundle as text, cut to whole tests
+            # within this many tokens (rewards.code.render_tests)
+            max_tests_tokens=1024,
             # HSD's teacher reads the peer's whole path, reasoning included; SDPO strips it
             strip_think=config_dict.placeholder(bool),
             # student/teacher/response lengths pad to the smallest bucket that fits: few shapes, few compiles

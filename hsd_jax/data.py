@@ -2,17 +2,19 @@
 
 Schemas (one JSON object per JSONL line, or one Parquet row):
 - math: `{"question": str, "answer": str | number, "solution": str (optional)}`
-- code: `{"question": str, "tests": tests, "fn_name": str (optional)}`, `tests` in a format
-  `hsd_jax.rewards.code.normalize_tests` accepts (APPS or LiveCodeBench style).
+- code: `{"question": str, "tests": tests, "fn_name": str (optional), "solution": str (optional)}`,
+  `tests` in a format `hsd_jax.rewards.code.normalize_tests` accepts (APPS or LiveCodeBench style).
 A row that fails validation (including a JSONL line that is not valid UTF-8 or JSON) is skipped
 and counted by reason in `DataStats` (and logged), never raised; so is a prompt longer than
 `max_prompt_len` tokens. What does raise, naming the file: a missing file, an unknown format,
 and (`check_files`, meant to run before model setup) a file without a single valid row.
 `prompt_examples` gives the examples a run uses (valid, short enough); `prompt_dataset` batches
-them.
+them; `mixture_dataset` batches several kinds, each step holding each kind's share of the rows
+(`mixture_counts`).
 
 An example (what a batch holds, a list of `batch_size` of them) is the validated row plus
-`"prompt"` (the rendered text) and `"prompt_ids"` (list[int]); treat it as read-only. Batches come
+`"kind"` ("math" or "code"), `"prompt"` (the rendered text, with the kind's instruction) and
+`"prompt_ids"` (list[int]); treat it as read-only. Batches come
 from a grain pipeline: all examples shuffled by seed, repeated for `num_epochs` (None: forever,
 reshuffled every epoch), cut into global batches of `batch_size x process_count` with the
 remainder dropped, and each global batch split into contiguous per-process slices (process p
@@ -22,7 +24,8 @@ after N batches yields exactly the batches an uninterrupted iterator yields afte
 
 The toy task (`toy_problem`, `write_toy_dataset`, `build_toy_tokenizer`) is the embedded
 multi-step arithmetic task of `configs/tiny.py`: no downloads, verified by
-`hsd_jax.rewards.math.exact_match`.
+`hsd_jax.rewards.math.exact_match`. Its code twin (`toy_code_problem`) asks for a two-line
+program with stdin/stdout tests, verified in the code sandbox.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import logging
 import os
 import random
 import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -48,8 +51,8 @@ CODE_INSTRUCTION = ("Write a complete Python 3 solution (the requested function,
                     "reading stdin and writing stdout) in a single ```python code block.")
 _INSTRUCTIONS = {"math": MATH_INSTRUCTION, "code": CODE_INSTRUCTION}
 _SCHEMAS = {"math": '{"question": str, "answer": str | number, "solution": str (optional)}',
-            "code": '{"question": str, "tests": tests, "fn_name": str (optional)}, tests in '
-                    "APPS or LiveCodeBench format"}
+            "code": '{"question": str, "tests": tests, "fn_name": str (optional), "solution": str '
+                    '(optional)}, tests in APPS or LiveCodeBench format'}
 
 
 class RowError(ValueError):
@@ -104,8 +107,6 @@ def validate_row(row: Any, kind: str) -> dict:
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             answer = str(answer)
         clean["answer"] = _require_text({"answer": answer}, "answer")
-        if row.get("solution") is not None:
-            clean["solution"] = _require_text(row, "solution")
     elif kind == "code":
         fn_name = row.get("fn_name")
         if fn_name is not None and not isinstance(fn_name, str):
@@ -119,6 +120,8 @@ def validate_row(row: Any, kind: str) -> dict:
             clean["fn_name"] = fn_name
     else:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if row.get("solution") is not None:
+        clean["solution"] = _require_text(row, "solution")
     return clean
 
 
@@ -245,7 +248,7 @@ def render_prompt(question: str, tokenizer: Any, kind: str = "math", *,
 
 def encode_prompts(rows: Sequence[dict], tokenizer: Any, kind: str, *, max_prompt_len: int,
                    stats: DataStats | None = None, **render_kwargs: Any) -> list[dict]:
-    """Examples (row + "prompt" + "prompt_ids") of the rows whose prompt has at most
+    """Examples (row + "kind" + "prompt" + "prompt_ids") of the rows whose prompt has at most
     `max_prompt_len` tokens; longer ones are counted in `stats` as "too_long"."""
     examples = []
     for i, row in enumerate(rows):
@@ -255,7 +258,7 @@ def encode_prompts(rows: Sequence[dict], tokenizer: Any, kind: str, *, max_promp
             if stats is not None:
                 stats.skip("too_long", f"row {i} ({len(ids)} > {max_prompt_len} tokens)")
             continue
-        examples.append({**row, "prompt": prompt, "prompt_ids": list(ids)})
+        examples.append({**row, "kind": kind, "prompt": prompt, "prompt_ids": list(ids)})
     if stats is not None:
         stats.kept = len(examples)
     return examples
@@ -280,39 +283,87 @@ def prompt_examples(paths: str | Sequence[str], kind: str, tokenizer: Any, *,
     return examples, stats
 
 
-def prompt_dataset(paths: str | Sequence[str], kind: str, tokenizer: Any, *, batch_size: int,
-                   max_prompt_len: int, seed: int = 0, num_epochs: int | None = None,
-                   shuffle: bool = True, process_index: int | None = None,
-                   process_count: int | None = None, template: str = "chat",
-                   enable_thinking: bool = True,
-                   instruction: str | None = None) -> tuple[grain.IterDataset, DataStats]:
-    """This process's slices (lists of `batch_size` examples) of global batches of `prompt_examples`.
+def mixture_examples(sources: Mapping[str, str | Sequence[str]], tokenizer: Any,
+                     **options: Any) -> tuple[list[dict], DataStats]:
+    """`prompt_examples` of each kind's files (`sources`: kind -> paths), concatenated in the
+    order of `sources`, and their counts added up. `options`: `prompt_examples`' keywords."""
+    examples, stats = [], DataStats()
+    for kind, paths in sources.items():
+        kind_examples, kind_stats = prompt_examples(paths, kind, tokenizer, **options)
+        examples += kind_examples
+        stats.add(kind_stats)
+    return examples, stats
 
-    `batch_size` is per process; the global batch is `batch_size x process_count` (module
+
+def mixture_counts(weights: Mapping[str, float], total: int) -> dict[str, int]:
+    """Rows of each kind in a batch of `total`: `total * weight / sum(weights)` rounded by largest
+    remainder (ties to the earlier kind), so they add up to `total`; e.g. math:4, code:1 of 128
+    -> 102 and 26."""
+    if not weights or min(weights.values()) <= 0:
+        raise ValueError(f"mixture weights must be positive, got {dict(weights)}")
+    shares = {kind: total * w / sum(weights.values()) for kind, w in weights.items()}
+    counts = {kind: int(share) for kind, share in shares.items()}
+    by_remainder = sorted(shares, key=lambda kind: -(shares[kind] - counts[kind]))  # stable: ties keep order
+    for kind in by_remainder[:total - sum(counts.values())]:
+        counts[kind] += 1
+    return counts
+
+
+def prompt_dataset(paths: str | Sequence[str], kind: str, tokenizer: Any, **options: Any
+                   ) -> tuple[grain.IterDataset, DataStats]:
+    """`mixture_dataset` of one kind: batches of `prompt_examples(paths, kind)`; `options` are
+    `mixture_dataset`'s keywords."""
+    return mixture_dataset({kind: paths}, {kind: 1.0}, tokenizer, **options)
+
+
+def mixture_dataset(sources: Mapping[str, str | Sequence[str]], weights: Mapping[str, float], tokenizer: Any, *,
+                    batch_size: int, max_prompt_len: int, seed: int = 0, num_epochs: int | None = None,
+                    shuffle: bool = True, process_index: int | None = None, process_count: int | None = None,
+                    template: str = "chat", enable_thinking: bool = True,
+                    instruction: str | None = None) -> tuple[grain.IterDataset, DataStats]:
+    """This process's slices (lists of `batch_size` examples) of global batches mixing kinds.
+
+    `sources`: kind -> paths; `weights`: kind -> weight (the same kinds). Every global batch of
+    `batch_size x process_count` examples holds `mixture_counts(weights, global size)` of each kind,
+    in the order of `sources`: the next ones of that kind's own stream (its `prompt_examples`
+    shuffled by `seed`, repeated for `num_epochs`; None: forever, reshuffled every epoch), so the
+    batches are a deterministic function of the seed and the step. The pipeline ends when the
+    first kind runs out. Each global batch is split into contiguous per-process slices (module
     docstring). Returns the grain IterDataset (`iter()` it for a checkpointable iterator) and the
-    load counts. Raises ValueError if fewer examples than one global batch survive.
+    load counts of all kinds. Raises ValueError if a kind has fewer examples than its share of
+    one global batch, or gets no row at all.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    examples, stats = prompt_examples(paths, kind, tokenizer, max_prompt_len=max_prompt_len,
-                                      template=template, enable_thinking=enable_thinking,
-                                      instruction=instruction)
+    if set(weights) != set(sources):
+        raise ValueError(f"weights {dict(weights)} and sources {list(sources)} must name the same kinds")
     if process_index is None or process_count is None:
         import jax
         process_index, process_count = jax.process_index(), jax.process_count()
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     global_size = batch_size * process_count
-    if len(examples) < global_size:
-        raise ValueError(f"{len(examples)} examples are fewer than one global batch of {global_size} "
-                         f"(batch_size={batch_size} x {process_count} processes; {stats.summary()}); add data, "
-                         "lower batch_size or raise max_prompt_len")
-    dataset = grain.MapDataset.source(list(examples))
-    if shuffle:
-        dataset = dataset.shuffle(seed=seed)
-    dataset = dataset.repeat(num_epochs).batch(global_size, drop_remainder=True, batch_fn=list)
+    counts = mixture_counts(weights, global_size)
+    streams, stats = [], DataStats()
+    for kind, paths in sources.items():
+        examples, kind_stats = prompt_examples(paths, kind, tokenizer, max_prompt_len=max_prompt_len,
+                                               template=template, enable_thinking=enable_thinking,
+                                               instruction=instruction)
+        stats.add(kind_stats)
+        if counts[kind] < 1:
+            raise ValueError(f"the mixture {dict(weights)} gives {kind} no row of a global batch of {global_size}; "
+                             f"raise its weight or the batch size")
+        if len(examples) < counts[kind]:
+            raise ValueError(f"{len(examples)} {kind} examples are fewer than its {counts[kind]} of a global batch of "
+                             f"{global_size} (batch_size={batch_size} x {process_count} processes; "
+                             f"{kind_stats.summary()}); add data, lower batch_size or raise max_prompt_len")
+        stream = grain.MapDataset.source(list(examples))
+        if shuffle:
+            stream = stream.shuffle(seed=seed)
+        streams.append(stream.repeat(num_epochs).batch(counts[kind], drop_remainder=True, batch_fn=list))
     start = process_index * batch_size
-    dataset = dataset.map(lambda examples: examples[start : start + batch_size])
+    step_slice = lambda step: [ex for stream in streams for ex in stream[step]][start : start + batch_size]
+    dataset = grain.MapDataset.range(min(len(stream) for stream in streams)).map(step_slice)
     # Examples are already in memory: read synchronously, no prefetch threads.
     return dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)), stats
 
@@ -360,6 +411,30 @@ def toy_problem(rng: random.Random) -> dict:
     return {"question": f"What is {expr}?", "answer": str(value), "solution": solution}
 
 
+def toy_code_problem(rng: random.Random) -> dict:
+    """One toy code problem `{question, tests, solution}` (code schema): a program that reads an
+    integer n from stdin and prints a 1-2 operation expression of it (+, -, *, small operands; the
+    expression reads as Python evaluates it). Three stdin/stdout tests; the solution is the
+    program in a ```python block."""
+    expr, ops = "n", []
+    for _ in range(rng.randint(1, 2)):
+        op, operand = rng.choice("+-*"), rng.randint(2, 9)
+        if op == "*" and ("+" in expr or "-" in expr):  # applied left to right, as computed below
+            expr = f"({expr})"
+        expr = f"{expr} {op} {operand}"
+        ops.append((op, operand))
+
+    def value(n: int) -> int:
+        for op, operand in ops:
+            n = n + operand if op == "+" else n - operand if op == "-" else n * operand
+        return n
+
+    inputs = rng.sample(range(50), 3)
+    return {"question": f"Read an integer n and print {expr}.",
+            "tests": {"inputs": [f"{n}\n" for n in inputs], "outputs": [f"{value(n)}\n" for n in inputs]},
+            "solution": f"```python\nn = int(input())\nprint({expr})\n```"}
+
+
 def write_atomically(path: str, text: str) -> None:
     """Writes `text` to `path` through a private temporary file and a rename: processes that write
     the same file at once never read a partial one."""
@@ -369,10 +444,11 @@ def write_atomically(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_toy_dataset(path: str, n: int, seed: int) -> str:
-    """Writes `n` toy problems (math schema JSONL) to `path`, deterministically from `seed`."""
+def write_toy_dataset(path: str, n: int, seed: int, problem: Callable[[random.Random], dict] = toy_problem) -> str:
+    """Writes `n` toy problems (JSONL: math schema, or code schema with `problem=toy_code_problem`)
+    to `path`, deterministically from `seed`."""
     rng = random.Random(seed)
-    write_atomically(path, "".join(json.dumps(toy_problem(rng)) + "\n" for _ in range(n)))
+    write_atomically(path, "".join(json.dumps(problem(rng)) + "\n" for _ in range(n)))
     return path
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from hsd_jax import data, hindsight, rewards, sampling, sharding
+from hsd_jax.rewards import code
 
 
 def sampling_config(sampling_cfg: ml_collections.ConfigDict, tokenizer) -> sampling.SamplingConfig:
@@ -31,15 +32,29 @@ def sampling_config(sampling_cfg: ml_collections.ConfigDict, tokenizer) -> sampl
     )
 
 
-def question_tokens(tokenizer, examples: Sequence[dict], kind: str) -> list[np.ndarray]:
-    """The user-turn content of each example (question + the `kind`'s instruction), encoded."""
-    return hindsight.encode_texts(tokenizer, [data.user_content(ex["question"], kind) for ex in examples])
+def question_tokens(tokenizer, examples: Sequence[dict], kind: str = "math") -> list[np.ndarray]:
+    """The user-turn content of each example (question + its kind's instruction), encoded. An
+    example's kind is its "kind" field (`data.encode_prompts` sets it), else `kind`."""
+    contents = [data.user_content(ex["question"], ex.get("kind", kind)) for ex in examples]
+    return hindsight.encode_texts(tokenizer, contents)
 
 
-def reference_tokens(tokenizer, examples: Sequence[dict]) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
-    """(answers, solutions) of the examples, encoded; "" for a missing answer, None for a missing solution."""
-    answers = hindsight.encode_texts(tokenizer, [str(ex.get("answer", "")) for ex in examples])
-    return answers, hindsight.encode_texts(tokenizer, [ex.get("solution") for ex in examples])
+def reference_text(example: dict, max_tests_tokens: int, count_tokens: Callable[[str], int]) -> str:
+    """HSD's reference a* of an example: a code row's unit tests as text (`code.render_tests`, at
+    most `max_tests_tokens` tokens as `count_tokens` counts them), else its answer ("" if none)."""
+    if "tests" in example:
+        spec = code.normalize_tests(example["tests"], example.get("fn_name"))
+        return code.render_tests(spec, max_tests_tokens, count_tokens)
+    return str(example.get("answer", ""))
+
+
+def reference_tokens(tokenizer, examples: Sequence[dict], *,
+                     max_tests_tokens: int) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """(references, solutions) of the examples, encoded: `reference_text` (answers; code rows'
+    tests within `max_tests_tokens`), and None for a missing solution."""
+    count = lambda text: len(tokenizer.encode(text))
+    references = [reference_text(ex, max_tests_tokens, count) for ex in examples]
+    return hindsight.encode_texts(tokenizer, references), hindsight.encode_texts(tokenizer, [ex.get("solution") for ex in examples])
 
 
 def sample(

@@ -124,14 +124,25 @@ def teacher_template(config: ml_collections.ConfigDict) -> hindsight.TeacherTemp
     return template
 
 
-def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[str], list[str]]:
-    """Train and eval files; the toy task writes its own into `workdir`."""
+TOY_PROBLEMS = {"math": data.toy_problem, "code": data.toy_code_problem}
+
+
+def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Train and eval files by kind of rows (`validation.kind_files`); the toy task writes its own
+    into `workdir`, one pair per kind of the mixture (toy math: toy_train.jsonl / toy_eval.jsonl)."""
     d = config.data
     if d.kind == "toy":
-        train = data.write_toy_dataset(os.path.join(workdir, "toy_train.jsonl"), d.toy_examples, config.seed)
-        evals = data.write_toy_dataset(os.path.join(workdir, "toy_eval.jsonl"), 64, config.seed + 1)
-        return [train], [evals]
-    return validation.split_files(d.train_files), validation.split_files(d.eval_files)
+        train, evals = {}, {}
+        for kind in validation.mixture(config):
+            name = "toy" if kind == "math" else f"toy_{kind}"
+            problem = TOY_PROBLEMS[kind]
+            train[kind] = [data.write_toy_dataset(os.path.join(workdir, f"{name}_train.jsonl"), d.toy_examples,
+                                                  config.seed, problem)]
+            evals[kind] = [data.write_toy_dataset(os.path.join(workdir, f"{name}_eval.jsonl"), 64, config.seed + 1,
+                                                  problem)]
+        return train, evals
+    return validation.kind_files(d.train_files, validation.row_kind(config)), validation.kind_files(
+        d.eval_files, validation.row_kind(config))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,12 +375,12 @@ class Run:
         self.config = c = validation.resolve(config)
         self.loss_cfg = validation.validate(c)
         self.workdir = os.path.abspath(c.workdir)
-        self.data_kind = "math" if c.data.kind == "toy" else c.data.kind
-        self.train_files, self.eval_files = data_files(c, self.workdir)
+        self.mixture = validation.mixture(c)  # kind of rows -> weight per step
+        self.train_files, self.eval_files = data_files(c, self.workdir)  # kind of rows -> files
         try:
-            data.check_files(self.train_files, self.data_kind, "config.data.train_files")
-            if self.eval_files:
-                data.check_files(self.eval_files, self.data_kind, "config.data.eval_files")
+            for field, sources in (("config.data.train_files", self.train_files), ("config.data.eval_files", self.eval_files)):
+                for kind, paths in sources.items():
+                    data.check_files(paths, kind, field)
         except (FileNotFoundError, ValueError) as error:
             raise validation.ConfigError(str(error)) from None
         self.is_main = jax.process_index() == 0
@@ -383,8 +394,8 @@ class Run:
         self.optimizer = make_optimizer(c)
         self.state = init_state(params, self.optimizer, self.loss_cfg.teacher_ema > 0)
         self.sampling_cfg = rollout.sampling_config(c.sampling, self.tokenizer)
-        self.dataset, stats = data.prompt_dataset(
-            self.train_files, self.data_kind, self.tokenizer,
+        self.dataset, stats = data.mixture_dataset(
+            {kind: self.train_files[kind] for kind in self.mixture}, self.mixture, self.tokenizer,
             batch_size=c.data.questions_per_step // jax.process_count(), max_prompt_len=c.data.max_prompt_len,
             seed=c.seed, template=c.data.template, enable_thinking=c.data.enable_thinking,
         )
@@ -444,7 +455,7 @@ class Run:
         while True:
             examples = next(self.data_iter)
             with timed(times, "sample_s"):
-                questions = rollout.question_tokens(self.tokenizer, examples, self.data_kind)
+                questions = rollout.question_tokens(self.tokenizer, examples)
                 stream, fold = (STREAM_REFILL, refills) if refills else (STREAM_SAMPLE, None)
                 rollouts = self.sample(params, questions, stream, fold=fold)
             with timed(times, "score_s"):
@@ -473,7 +484,8 @@ class Run:
         examples, questions, rollouts, rewards_ = scored.examples, scored.questions, scored.rollouts, scored.rewards
         with timed(times, "build_s"):
             responses = rollout.responses(rollouts)
-            answers, solutions = rollout.reference_tokens(self.tokenizer, examples)
+            answers, solutions = rollout.reference_tokens(self.tokenizer, examples,
+                                                          max_tests_tokens=self.config.hindsight.max_tests_tokens)
             train_batch, peers, teacher = batch_lib.from_rollouts(
                 self.template, questions, answers, solutions, rollouts, responses, rewards_,
                 hindsight_cfg=self.config.hindsight, loss_cfg=self.loss_cfg,
@@ -514,11 +526,10 @@ class Run:
         c = self.config
         make_batch = partial(
             warmup.warmup_batch, tokenizer=self.tokenizer, template=self.template, eos_id=self.sampling_cfg.eos_ids[0],
-            kind=self.data_kind, hindsight_cfg=c.hindsight,
+            hindsight_cfg=c.hindsight,
         )
-        examples, _ = data.prompt_examples(self.train_files, self.data_kind, self.tokenizer,
-                                           max_prompt_len=c.data.max_prompt_len, template=c.data.template,
-                                           enable_thinking=c.data.enable_thinking)
+        examples, _ = data.mixture_examples(self.train_files, self.tokenizer, max_prompt_len=c.data.max_prompt_len,
+                                            template=c.data.template, enable_thinking=c.data.enable_thinking)
         warmup.require_solutions(examples)
         rows = warmup.rows_that_fit(examples, make_batch)
         if len(rows) < len(examples):
@@ -548,21 +559,26 @@ class Run:
             self.ref_params = jax.tree.map(jnp.copy, params)
 
     def evaluate(self, scorer: rewards.Scorer) -> dict[str, float]:
-        """avg@n / pass@1 on the eval files' validated examples at the sampling temperature.
+        """avg@n / pass@1 on the eval files' validated examples at the sampling temperature; with
+        eval files of several kinds, also per kind (`eval/<kind>/avg@n`, ...).
 
         Processes split the examples (a remainder smaller than the process count is left out)."""
         c, n = self.config, self.config.train.eval_samples
-        examples, _ = data.prompt_examples(self.eval_files, self.data_kind, self.tokenizer,
-                                           max_prompt_len=c.data.max_prompt_len, template=c.data.template,
-                                           enable_thinking=c.data.enable_thinking)
+        examples, _ = data.mixture_examples(self.eval_files, self.tokenizer, max_prompt_len=c.data.max_prompt_len,
+                                            template=c.data.template, enable_thinking=c.data.enable_thinking)
         per_process = len(examples) // jax.process_count()  # each process evaluates its slice
+        kinds = np.array([ex["kind"] for ex in examples[: per_process * jax.process_count()]])
         examples = examples[jax.process_index() * per_process : (jax.process_index() + 1) * per_process]
-        questions = rollout.question_tokens(self.tokenizer, examples, self.data_kind)
+        questions = rollout.question_tokens(self.tokenizer, examples)
         with self.reporter.progress(len(questions), "eval") as bar:
             rollouts = self.sample(self.decode_params(), questions, STREAM_EVAL, n=n, progress=bar.update)
         rewards_, _ = rollout.score(scorer, self.tokenizer, examples, rollouts)
-        rewards_ = sharding.gather_rows(rewards_)
-        return {f"eval/{k}": v for k, v in evaluate.summarize(rewards_.reshape(-1, n)).items()}
+        rewards_ = sharding.gather_rows(rewards_).reshape(-1, n)
+        metrics = {f"eval/{k}": v for k, v in evaluate.summarize(rewards_).items()}
+        if len(set(kinds)) > 1:
+            for kind in dict.fromkeys(kinds):
+                metrics.update({f"eval/{kind}/{k}": v for k, v in evaluate.summarize(rewards_[kinds == kind]).items()})
+        return metrics
 
     def checkpoint(self) -> None:
         step = int(self.state.step)
@@ -599,7 +615,7 @@ class Run:
         self.reporter = reporting.Reporter(self.workdir, c.train.steps, resume_step=resumed, enabled=self.is_main)
         try:
             limits = SandboxLimits(allow_same_uid=c.data.code_allow_same_uid)
-            with rewards.Scorer(c.data.kind, code_limits=limits) as scorer:
+            with rewards.Scorer(validation.verifiers(c), code_limits=limits) as scorer:
                 if resumed is None:
                     if c.train.init_params:
                         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),

@@ -21,7 +21,7 @@ import uuid
 import jax
 import ml_collections
 
-from hsd_jax import hindsight, losses, sharding
+from hsd_jax import data, hindsight, losses, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,50 @@ def split_files(files: str) -> list[str]:
     return [f.strip() for f in files.split(",") if f.strip()]
 
 
+def row_kind(config: ml_collections.ConfigDict) -> str:
+    """The kind of `data.kind`'s rows: the toy task's are math rows."""
+    return "math" if config.data.kind == "toy" else config.data.kind
+
+
+def kind_files(files: str, default_kind: str) -> dict[str, list[str]]:
+    """`"a.jsonl,code=b.jsonl"` -> `{default_kind: ["a.jsonl"], "code": ["b.jsonl"]}`: an entry
+    prefixed `math=` or `code=` holds rows of that kind, any other `default_kind`'s (kinds in
+    order of first appearance)."""
+    sources: dict[str, list[str]] = {}
+    for entry in split_files(files):
+        prefix, sep, path = entry.partition("=")
+        kind, path = (prefix.strip(), path.strip()) if sep and prefix.strip() in data.KINDS else (default_kind, entry)
+        sources.setdefault(kind, []).append(path)
+    return sources
+
+
+def mixture(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """The kinds of rows a run trains on, with their weights per step: `data.mixture` parsed
+    (`"math:4,code:1"` -> `{"math": 4.0, "code": 1.0}`, in its order), else `{row_kind: 1.0}`.
+    Raises ConfigError naming `config.data.mixture` for a malformed value."""
+    text = config.data.mixture
+    if not text.strip():
+        return {row_kind(config): 1.0}
+    weights: dict[str, float] = {}
+    for entry in split_files(text):
+        kind, sep, weight = (part.strip() for part in entry.partition(":"))
+        try:
+            value = float(weight) if sep else None
+        except ValueError:
+            value = None
+        _need(value is not None and value > 0 and value != float("inf"),
+              f"config.data.mixture={text!r}: {entry!r} is not kind:weight with a positive weight; write e.g. 'math:4,code:1'.")
+        _need(kind in data.KINDS, f"config.data.mixture={text!r}: {kind!r} is not a kind of rows; use {' or '.join(data.KINDS)}.")
+        _need(kind not in weights, f"config.data.mixture={text!r} names {kind!r} twice; give each kind once.")
+        weights[kind] = value
+    return weights
+
+
+def verifiers(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The `rewards.Scorer` verifiers of the mixture's kinds (the toy task's math rows: "toy")."""
+    return tuple("toy" if config.data.kind == "toy" and kind == "math" else kind for kind in mixture(config))
+
+
 def check_workdir(workdir: str) -> None:
     """Creates `workdir` and proves it writable by writing and removing a file in it."""
     probe = os.path.join(workdir, f".write_test_{uuid.uuid4().hex}")
@@ -122,8 +166,28 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
               f"config.train.init_params={config.train.init_params!r} is not a directory; point it at saved params "
               "(a run's <workdir>/warmup_policy).")
     for field in ("train_files", "eval_files"):
-        for path in split_files(d[field]):
-            _need(os.path.isfile(path), f"config.data.{field}: {path!r} does not exist.")
+        for paths in kind_files(d[field], row_kind(config)).values():
+            for path in paths:
+                _need(os.path.isfile(path), f"config.data.{field}: {path!r} does not exist.")
+
+
+def _check_mixture(config: ml_collections.ConfigDict) -> None:
+    """The mixture parses, gives every kind a row of each step, and matches the files' kinds."""
+    d, weights = config.data, mixture(config)
+    counts = data.mixture_counts(weights, d.questions_per_step)
+    for kind, count in counts.items():
+        _need(count >= 1, f"config.data.mixture={d.mixture!r} gives {kind} 0 of the {d.questions_per_step} questions "
+                          "per step (config.data.questions_per_step); raise its weight or questions_per_step.")
+    if d.kind == "toy":  # the toy task writes a file of each kind
+        return
+    train, evals = kind_files(d.train_files, row_kind(config)), kind_files(d.eval_files, row_kind(config))
+    mix = f"config.data.mixture={d.mixture!r}" if d.mixture.strip() else f"config.data.kind={d.kind!r} (no data.mixture)"
+    for kind in weights:
+        _need(kind in train, f"config.data.train_files has no {kind} file for {mix}; prefix {kind} files with '{kind}='.")
+    for field, sources in (("train_files", train), ("eval_files", evals)):
+        for kind in sources:
+            _need(kind in weights, f"config.data.{field} has {kind} files but {mix} has no {kind} rows; add {kind} to "
+                                   "config.data.mixture (e.g. 'math:4,code:1') or drop those files.")
 
 
 def _check_sampling(config: ml_collections.ConfigDict) -> None:
@@ -173,12 +237,14 @@ def _check_hindsight(config: ml_collections.ConfigDict, loss_cfg: losses.LossCon
     _need(not (loss_cfg.needs_teacher and h.context == "none"),
           f"config.loss.name={c.loss.name!r} needs a teacher but config.hindsight.context='none'; "
           "set it (e.g. 'peer_answer' for HSD, 'answer' for OPSD).")
-    _need(not (c.data.kind == "code" and h.context in ("answer", "peer_answer")),
-          f"config.hindsight.context={h.context!r} needs reference answers, which code rows do not have; use 'peer' or 'none'.")
+    _need(h.max_tests_tokens >= 1, f"config.hindsight.max_tests_tokens={h.max_tests_tokens} must be >= 1.")
     needed = c.data.max_prompt_len + c.sampling.max_new_tokens
+    what = "question and rollout"
+    if "code" in mixture(c) and h.context in ("answer", "peer_answer"):  # the tests stand in for the answer
+        needed, what = needed + h.max_tests_tokens, "question, tests (hindsight.max_tests_tokens) and rollout"
     _need(h.context == "none" or h.max_teacher_len >= needed + 64,
-          f"config.hindsight.max_teacher_len={h.max_teacher_len} leaves no room for the teacher's context: the question "
-          f"and rollout alone may take {needed} tokens; raise it (the recipe uses ~2 x that).")
+          f"config.hindsight.max_teacher_len={h.max_teacher_len} leaves no room for the teacher's context: the {what} "
+          f"alone may take {needed} tokens; raise it (the recipe uses ~2 x that).")
 
 
 def validate(config: ml_collections.ConfigDict) -> losses.LossConfig:
@@ -195,6 +261,7 @@ def validate(config: ml_collections.ConfigDict) -> losses.LossConfig:
     _need(c.data.kind == "toy" or bool(c.tokenizer_path or c.model.path),
           "config.tokenizer_path is empty and there is no config.model.path to take the tokenizer from.")
     _check_paths(c)
+    _check_mixture(c)
     _check_sampling(c)
     _check_train(c)
     loss_cfg = loss_config(c)

@@ -54,16 +54,18 @@ def warmup_batch(
     template: hindsight.TemplateTokens,
     *,
     eos_id: int,
-    kind: str,
     hindsight_cfg: ml_collections.ConfigDict,
+    kind: str = "math",
 ) -> batch_lib.TrainBatch:
     """The host batch of Q dataset rows: B = 2Q rows, each solution (+ EOS) twice as a group of peers.
 
-    The teacher context is HSD's (`peer_answer`): the answer and the solution; `hindsight_cfg`
-    (`config.hindsight`) gives buckets and strip_think. The RL fields keep their defaults.
+    Each row's prompt takes its own kind's instruction (its "kind" field; `kind` where it has none).
+
+    The teacher context is HSD's (`peer_answer`): the answer (a code row's tests) and the solution;
+    `hindsight_cfg` (`config.hindsight`) gives buckets, strip_think and max_tests_tokens. The RL fields keep their defaults.
     """
     questions = rollout.question_tokens(tokenizer, rows, kind)
-    answers, solutions = rollout.reference_tokens(tokenizer, rows)
+    answers, solutions = rollout.reference_tokens(tokenizer, rows, max_tests_tokens=hindsight_cfg.max_tests_tokens)
     responses = [np.append(s, eos_id) for s in solutions for _ in range(2)]
     peers = np.tile([1, 0], (len(rows), 1))
     batch, _ = batch_lib.assemble(template, questions, responses, peers, answers, context="peer_answer",

@@ -388,7 +388,7 @@ def test_warmup_batch_learns_each_solution_as_two_peers_in_both_formats(setup):
     tokenizer, eos = CharTokenizer(), 63
     rows = [{"question": "1+1", "answer": "2", "solution": "1+1=2"},
             {"question": "3*3", "answer": "9", "solution": "9"}]
-    config = ml_collections.ConfigDict(dict(buckets=8, strip_think=False))
+    config = ml_collections.ConfigDict(dict(buckets=8, strip_think=False, max_tests_tokens=64))
     warm = warmup.warmup_batch(rows, tokenizer, s["template"], eos_id=eos, kind="math", hindsight_cfg=config)
     assert warm.response_tokens.shape[0] == 4
     for b in range(4):

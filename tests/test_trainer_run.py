@@ -118,7 +118,7 @@ def test_consecutive_skipped_updates_stop_the_run(quiet, monkeypatch):
 def test_evaluate_summarizes_the_rewards_it_scored(quiet, tmp_path, monkeypatch):
     run = quiet
     rows = [data.toy_problem(random.Random(i)) for i in range(2)]
-    monkeypatch.setattr(run, "eval_files", [write_jsonl(tmp_path / "eval.jsonl", rows)])
+    monkeypatch.setattr(run, "eval_files", {"math": [write_jsonl(tmp_path / "eval.jsonl", rows)]})
     monkeypatch.setattr(run.config.train, "eval_samples", 3)  # not the group size (4)
     verdicts = {rows[0]["question"]: [1.0, 0.0, 1.0], rows[1]["question"]: [0.0, 0.0, 0.0]}
     seen = []
@@ -142,7 +142,7 @@ def test_warm_up_trains_on_the_validated_rows_that_fit_its_buckets(quiet, tmp_pa
         {"question": "What is 2 + 2?", "solution": "4"},  # no answer: an invalid row
         good[1],
     ]
-    monkeypatch.setattr(run, "train_files", [write_jsonl(tmp_path / "train.jsonl", rows)])
+    monkeypatch.setattr(run, "train_files", {"math": [write_jsonl(tmp_path / "train.jsonl", rows)]})
     used = {}
 
     def record(graphdef, params, rows, make_batch, **options):
@@ -160,7 +160,7 @@ def test_warm_up_trains_on_the_validated_rows_that_fit_its_buckets(quiet, tmp_pa
 def test_warm_up_without_solutions_names_the_missing_field(quiet, tmp_path, monkeypatch):
     run = quiet
     rows = [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 2?", "answer": "4"}]
-    monkeypatch.setattr(run, "train_files", [write_jsonl(tmp_path / "train.jsonl", rows)])
+    monkeypatch.setattr(run, "train_files", {"math": [write_jsonl(tmp_path / "train.jsonl", rows)]})
     with pytest.raises(ValueError, match="needs a 'solution' in every training row"):
         run.warm_up()
 

@@ -74,7 +74,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -188,6 +188,46 @@ def _call_args(value: Any) -> list:
         except json.JSONDecodeError:
             pass
     raise ValueError(f"tests: function-call input must be a JSON list of args, got {value!r:.80}")
+
+
+def _render_case(case: TestCase, fn_name: str | None) -> str:
+    """One test as text: an assert line for a function-call test, else its stdin and stdout."""
+    if fn_name:
+        return f"assert {fn_name}({', '.join(map(repr, case.input))}) == {case.output!r}"
+    return f"Input:\n{case.input.rstrip(chr(10))}\nExpected output:\n{case.output.rstrip(chr(10))}"
+
+
+def render_tests(spec: TestSpec, max_tokens: int, count_tokens: Callable[[str], int]) -> str:
+    """The tests of `spec` as text for a teacher to read (HSD's reference a* for code).
+
+    Each stdin/stdout test reads `Input:\n<stdin>\nExpected output:\n<stdout>` (trailing newlines
+    dropped), tests separated by a blank line; each function-call test is one line
+    `assert fn_name(arg, ...) == expected` (Python literals). Whole tests are kept in order while
+    the text stays within `max_tokens` tokens as `count_tokens` counts them; when some are left
+    out, a last line says so: `(3 of 5 tests not shown)`. If not even the first test fits, the
+    text is that line alone. Only the tests up to the first one that does not fit are counted.
+    """
+    blocks = [_render_case(case, spec.fn_name) for case in spec.cases]
+    separator = "\n" if spec.fn_name else "\n\n"
+
+    def text(shown: int) -> str:
+        left_out = len(blocks) - shown
+        note = [f"({left_out} of {len(blocks)} tests not shown)"] if left_out else []
+        return "\n\n".join([separator.join(blocks[:shown])] * bool(shown) + note)
+
+    prefix_tokens, used = [], 0  # prefix_tokens[i]: tokens of the first i + 1 tests
+    for i, block in enumerate(blocks):
+        used += count_tokens(separator + block if i else block)
+        if used > max_tokens:
+            break
+        prefix_tokens.append(used)
+    if len(prefix_tokens) == len(blocks) and count_tokens(text(len(blocks))) <= max_tokens:
+        return text(len(blocks))
+    note_tokens = count_tokens(text(0))  # a cut bundle's note is part of the budget
+    shown = sum(1 for tokens in prefix_tokens if tokens + note_tokens <= max_tokens)
+    while shown and count_tokens(text(shown)) > max_tokens:  # counts of parts need not add up
+        shown -= 1
+    return text(shown)
 
 
 def extract_code(completion: str) -> str | None:
