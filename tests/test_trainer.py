@@ -478,7 +478,7 @@ class ScriptedRun:
 def test_dapo_dynamic_sampling_draws_question_batches_until_the_groups_are_mixed(monkeypatch, name, limit, refills,
                                                                                   kept, streams):
     run = ScriptedRun(name, limit)
-    monkeypatch.setattr(trainer.rollout, "question_tokens", lambda tok, examples, kind: [np.array([ex["id"]]) for ex in examples])
+    monkeypatch.setattr(trainer.rollout, "question_tokens", lambda tok, examples, kind="math": [np.array([ex["id"]]) for ex in examples])
     monkeypatch.setattr(trainer.rollout, "score", lambda scorer, tok, examples, rollouts: (
         np.array([r for ex in examples for r in ScriptedRun.GROUP_REWARDS[ex["id"]]], np.float32), None))
     times = {}
