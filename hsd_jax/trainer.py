@@ -394,11 +394,14 @@ class Run:
         self.optimizer = make_optimizer(c)
         self.state = init_state(params, self.optimizer, self.loss_cfg.teacher_ema > 0)
         self.sampling_cfg = rollout.sampling_config(c.sampling, self.tokenizer)
-        self.dataset, stats = data.mixture_dataset(
-            {kind: self.train_files[kind] for kind in self.mixture}, self.mixture, self.tokenizer,
-            batch_size=c.data.questions_per_step // jax.process_count(), max_prompt_len=c.data.max_prompt_len,
-            seed=c.seed, template=c.data.template, enable_thinking=c.data.enable_thinking,
-        )
+        try:
+            self.dataset, stats = data.mixture_dataset(
+                {kind: self.train_files[kind] for kind in self.mixture}, self.mixture, self.tokenizer,
+                batch_size=c.data.questions_per_step // jax.process_count(), max_prompt_len=c.data.max_prompt_len,
+                seed=c.seed, template=c.data.template, enable_thinking=c.data.enable_thinking,
+            )
+        except ValueError as error:  # too few rows (of a kind) for a step
+            raise validation.ConfigError(f"config.data.train_files: {error}") from None
         self.print(f"data: {stats.summary()}")
         self.data_iter = iter(self.dataset)
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), c.train.max_to_keep)

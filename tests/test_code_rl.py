@@ -367,3 +367,19 @@ def test_a_math_and_code_mixture_of_files_validates_and_budgets_the_tests(tmp_pa
     validation.validate(validation.resolve(config))
     rejected(config_of("tiny", None, tmp_path, hindsight__max_teacher_len=96 + 64 + 64 + 63, **fields),
              "config.hindsight.max_teacher_len", "hindsight.max_tests_tokens")
+
+
+@pytest.mark.parametrize("mixture,files", [("", CODE_FILE), ("math:4,code:1", f"math={MATH_FILE},{CODE_FILE}")])
+def test_the_code_recipe_validates_at_full_size(mixture, files, tmp_path):
+    from hsd_jax import hindsight
+
+    config = validation.resolve(config_of("qwen3_8b_code", None, tmp_path, tokenizer_path=str(tmp_path),
+                                          data__train_files=files, data__mixture=mixture))
+    loss_cfg = validation.validate(config)
+    assert (config.sampling.max_new_tokens, loss_cfg.max_response_length) == (8192, 8192)
+    assert config.hindsight.context == "peer_answer" and config.data.kind == "code"
+    assert validation.mixture(config) == ({"code": 1.0} if not mixture else {"math": 4.0, "code": 1.0})
+    h = config.hindsight
+    assert h.max_teacher_len >= 1024 + h.max_tests_tokens + 2 * 8192  # question, tests, peer, rollout
+    assert hindsight.bucket_length(h.max_teacher_len, h.buckets) == 20480
+    assert hindsight.bucket_length(config.data.max_prompt_len + 8192, h.buckets) == 12288

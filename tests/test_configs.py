@@ -26,7 +26,7 @@ def config_of(module="tiny", variant=None, workdir=None, **overrides):
     return config
 
 
-MODULES = ["tiny", "qwen3_8b", "qwen3_32b"]
+MODULES = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "base"))
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,13 @@ def tiny_model(tmp_path_factory):
 def shipped_config(module, variant, workdir, tiny_model):
     """A shipped config on the tiny checkpoint, with only its sizes shrunk."""
     overrides = dict(tiny_model, data__max_prompt_len=96, sampling__max_new_tokens=64, hindsight__max_teacher_len=256,
-                     data__questions_per_step=2, train__micro_batch=8, sampling__rows_per_call=16)
-    if module == "tiny":
+                     hindsight__max_tests_tokens=32, data__questions_per_step=2, train__micro_batch=8,
+                     sampling__rows_per_call=16)
+    kind = importlib.import_module(f"configs.{module}").get_config(variant).data.kind
+    if kind == "toy":
         overrides.pop("data__train_files")  # the toy task writes its own
+    else:
+        overrides["data__train_files"] = str(ROOT / "examples" / f"{kind}.jsonl")
     return config_of(module, variant, workdir, **overrides)
 
 
