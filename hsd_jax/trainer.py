@@ -38,7 +38,7 @@ from hsd_jax import batch as batch_lib
 from hsd_jax import data, evaluate, hindsight, losses, reporting, rewards, rollout, sampling, sharding, validation, warmup
 from hsd_jax.checkpoint import Checkpointer, restore_params, save_params
 from hsd_jax.rewards.code import SandboxLimits
-from models import hf, qwen3
+from hsd_jax._models import hf, qwen3
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from models.qwen3 import DTYPES, Qwen3, Qwen3Config, abstract_model
+from .qwen3 import DTYPES, Qwen3, Qwen3Config, abstract_model
 
 # port parameter path -> (HF tensor name, how many leading port axes form HF's "in" axis).
 # HF stores a linear weight as [out, in]; the port as [in..., out...] (e.g. q_proj [D, N, H],
