@@ -44,6 +44,8 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
         dict(
             kind="math",  # math | code | toy
             train_files="",  # comma-separated JSONL/Parquet files
+            # comma-separated; FILE:avg@16 (16 samples, temperature 1, no top-p) or FILE:greedy
+            # picks a file's decoding, plain FILE samples train.eval_samples at the run's settings
             eval_files="",
             questions_per_step=128,
             max_prompt_len=1024,
@@ -94,7 +96,8 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
             checkpoint_every=50,
             max_to_keep=3,
             eval_every=0,
-            eval_samples=16,
+            eval_samples=16,  # samples per question of an eval file without a decoding suffix
+            eval_ks=(1,),  # pass@k reported for each k (up to each eval set's sample count)
             max_skipped_updates=5,  # consecutive non-finite updates (each skipped) that stop the run
         )
     )

@@ -9,6 +9,7 @@ Rows are group-major: rollout `b` answers question `b // G`. Sampling runs the j
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
@@ -85,3 +86,24 @@ def score(
     """Verifier rewards [B] in {0, 1} of the decoded responses (0 for truncated rows) and B reasons."""
     texts = tokenizer.batch_decode(responses(rollouts), skip_special_tokens=True)
     return scorer(examples, texts, truncated=np.asarray(rollouts.truncated))
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """What sampling from a model needs: its graphdef and decode params, the chat template's
+    tokens, the tokenizer, the run's sampler settings, the rows per sampler call and the mesh.
+    Training's evaluation, --mode=eval and --mode=sample sample through it."""
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    template: hindsight.TemplateTokens
+    tokenizer: Any
+    sampling_cfg: sampling.SamplingConfig
+    rows_per_call: int
+    mesh: jax.sharding.Mesh
+
+    def sample(self, questions: Sequence[np.ndarray], key: jax.Array, cfg: sampling.SamplingConfig | None = None,
+               progress: Callable[[int], Any] | None = None) -> sampling.Rollouts:
+        """`sample` of the questions with `cfg` (default the run's settings)."""
+        return sample(self.graphdef, self.params, self.template, questions, key, cfg or self.sampling_cfg,
+                      rows_per_call=self.rows_per_call, mesh=self.mesh, progress=progress)

@@ -124,14 +124,18 @@ def teacher_template(config: ml_collections.ConfigDict) -> hindsight.TeacherTemp
     return template
 
 
-def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[str], list[str]]:
-    """Train and eval files; the toy task writes its own into `workdir`."""
+def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[str], list[evaluate.EvalSet]]:
+    """Train files and eval sets (`data.eval_files`, see evaluate.py); the toy task writes its own
+    into `workdir` (its eval file unless `data.eval_files` names some)."""
     d = config.data
+    eval_sets = evaluate.parse_eval_files(d.eval_files, config.train.eval_samples)
     if d.kind == "toy":
         train = data.write_toy_dataset(os.path.join(workdir, "toy_train.jsonl"), d.toy_examples, config.seed)
-        evals = data.write_toy_dataset(os.path.join(workdir, "toy_eval.jsonl"), 64, config.seed + 1)
-        return [train], [evals]
-    return validation.split_files(d.train_files), validation.split_files(d.eval_files)
+        if not eval_sets:
+            evals = data.write_toy_dataset(os.path.join(workdir, "toy_eval.jsonl"), 64, config.seed + 1)
+            eval_sets = evaluate.parse_eval_files(evals, config.train.eval_samples)
+        return [train], eval_sets
+    return validation.split_files(d.train_files), eval_sets
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,11 +304,11 @@ class Run:
         self.loss_cfg = validation.validate(c)
         self.workdir = os.path.abspath(c.workdir)
         self.data_kind = "math" if c.data.kind == "toy" else c.data.kind
-        self.train_files, self.eval_files = data_files(c, self.workdir)
+        self.train_files, self.eval_sets = data_files(c, self.workdir)
         try:
             data.check_files(self.train_files, self.data_kind, "config.data.train_files")
-            if self.eval_files:
-                data.check_files(self.eval_files, self.data_kind, "config.data.eval_files")
+            if self.eval_sets:
+                data.check_files([s.path for s in self.eval_sets], self.data_kind, "config.data.eval_files")
         except (FileNotFoundError, ValueError) as error:
             raise validation.ConfigError(str(error)) from None
         self.is_main = jax.process_index() == 0
@@ -440,22 +444,15 @@ class Run:
             self.ref_params = jax.tree.map(jnp.copy, params)
             save_params(self.warmup_path, params)
 
-    def evaluate(self, scorer: rewards.Scorer) -> dict[str, float]:
-        """avg@n / pass@1 on the eval files' validated examples at the sampling temperature.
+    def policy(self) -> rollout.Policy:
+        """The current policy for sampling, with its decode params (`decode_params`)."""
+        return rollout.Policy(self.graphdef, self.decode_params(), self.template, self.tokenizer, self.sampling_cfg,
+                              self.config.sampling.rows_per_call, self.mesh)
 
-        Processes split the examples (a remainder smaller than the process count is left out)."""
-        c, n = self.config, self.config.train.eval_samples
-        examples, _ = data.prompt_examples(self.eval_files, self.data_kind, self.tokenizer,
-                                           max_prompt_len=c.data.max_prompt_len, template=c.data.template,
-                                           enable_thinking=c.data.enable_thinking)
-        per_process = len(examples) // jax.process_count()  # each process evaluates its slice
-        examples = examples[jax.process_index() * per_process : (jax.process_index() + 1) * per_process]
-        questions = rollout.question_tokens(self.tokenizer, examples, self.data_kind)
-        with self.reporter.progress(len(questions), "eval") as bar:
-            rollouts = self.sample(self.decode_params(), questions, STREAM_EVAL, n=n, progress=bar.update)
-        rewards_, _ = rollout.score(scorer, self.tokenizer, examples, rollouts)
-        rewards_ = sharding.gather_rows(rewards_)
-        return {f"eval/{k}": v for k, v in evaluate.summarize(rewards_.reshape(-1, n)).items()}
+    def evaluate(self, scorer: rewards.Scorer) -> dict[str, float]:
+        """The eval sets' metrics (`evaluate.evaluate`: `eval/<set>/avg@n`, ..., `eval/accuracy`)."""
+        return evaluate_policy(self.config, self.eval_sets, self.policy(), scorer, int(self.state.step),
+                               self.reporter.progress).metrics
 
     def checkpoint(self) -> None:
         step = int(self.state.step)
@@ -530,6 +527,18 @@ class Run:
                     self.checkpoint()
                 if evaluated:
                     self.reporter.plot()
+
+
+def evaluate_policy(config: ml_collections.ConfigDict, eval_sets: list[evaluate.EvalSet], policy: rollout.Policy,
+                    scorer, step: int, progress=None) -> evaluate.EvalReport:
+    """`evaluate.evaluate` of `policy` on the validated examples of `eval_sets`, drawing from the
+    eval stream at `step` (training's evaluation and --mode=eval alike)."""
+    d = config.data
+    kind = "math" if d.kind == "toy" else d.kind
+    examples_of = lambda path: data.prompt_examples([path], kind, policy.tokenizer, max_prompt_len=d.max_prompt_len,
+                                                    template=d.template, enable_thinking=d.enable_thinking)[0]
+    return evaluate.evaluate(eval_sets, examples_of, kind, policy, scorer, step_key(config.seed, STREAM_EVAL, step),
+                             ks=tuple(config.train.eval_ks), progress=progress)
 
 
 def train(config: ml_collections.ConfigDict) -> None:

@@ -21,7 +21,7 @@ import uuid
 import jax
 import ml_collections
 
-from hsd_jax import hindsight, losses, sharding
+from hsd_jax import evaluate, hindsight, losses, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +108,12 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
     if config.tokenizer_path:
         _need(os.path.isdir(config.tokenizer_path),
               f"config.tokenizer_path={config.tokenizer_path!r} is not a directory; point it at a local HF tokenizer.")
-    for field in ("train_files", "eval_files"):
-        for path in split_files(d[field]):
+    try:
+        eval_files = [s.path for s in evaluate.parse_eval_files(d.eval_files, config.train.eval_samples)]
+    except ValueError as error:
+        raise ConfigError(f"config.data.eval_files: {error}") from None
+    for field, paths in (("train_files", split_files(d.train_files)), ("eval_files", eval_files)):
+        for path in paths:
             _need(os.path.isfile(path), f"config.data.{field}: {path!r} does not exist.")
 
 
@@ -131,6 +135,7 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
     _need(o.max_grad_norm > 0, f"config.optimizer.max_grad_norm={o.max_grad_norm} must be > 0.")
     if t.sft_warmup_steps:
         _need(t.sft_learning_rate > 0, f"config.train.sft_learning_rate={t.sft_learning_rate} must be > 0.")
+    _need(len(t.eval_ks) > 0 and all(k >= 1 for k in t.eval_ks), f"config.train.eval_ks={tuple(t.eval_ks)}: give k values >= 1.")
     for field in ("checkpoint_every", "log_every", "eval_samples", "max_to_keep", "micro_batch"):
         _need(t[field] >= 1, f"config.train.{field}={t[field]} must be >= 1.")
     for field in ("steps", "eval_every", "sft_warmup_steps"):
