@@ -98,6 +98,7 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
             eval_every=0,
             eval_samples=16,  # samples per question of an eval file without a decoding suffix
             eval_ks=(1,),  # pass@k reported for each k (up to each eval set's sample count)
+            export_at_end=True,  # the final policy as a Hugging Face directory in <workdir>/hf (bfloat16)
             max_skipped_updates=5,  # consecutive non-finite updates (each skipped) that stop the run
         )
     )

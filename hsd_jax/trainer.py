@@ -35,7 +35,7 @@ import optax
 from flax import nnx
 
 from hsd_jax import batch as batch_lib
-from hsd_jax import data, evaluate, hindsight, losses, reporting, rewards, rollout, sampling, sharding, validation, warmup
+from hsd_jax import data, evaluate, export, hindsight, losses, reporting, rewards, rollout, sampling, sharding, validation, warmup
 from hsd_jax.checkpoint import Checkpointer, restore_params, save_params
 from hsd_jax.rewards.code import SandboxLimits
 from hsd_jax._models import hf, qwen3
@@ -136,6 +136,16 @@ def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[st
             eval_sets = evaluate.parse_eval_files(evals, config.train.eval_samples)
         return [train], eval_sets
     return validation.split_files(d.train_files), eval_sets
+
+
+def decode_params(params, decode_layout: str, model_cfg: qwen3.Qwen3Config, mesh):
+    """Params for decoding (`Run.decode_params`): "train" the arrays themselves; "tensor" a copy in
+    the compute dtype in the sampler's tensor-parallel layout, made one array at a time."""
+    if decode_layout == "train":
+        return params
+    dtype = jnp.dtype(model_cfg.dtype)
+    cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    return sampling.sampling_params(cast, mesh)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,11 +358,7 @@ class Run:
         moved into the sampler's tensor-parallel layout one array at a time
         (`sampling.sampling_params`), so decode steps do not all-gather FSDP shards. With "train":
         the training arrays themselves."""
-        if self.config.sampling.decode_layout == "train":
-            return self.state.params
-        dtype = jnp.dtype(self.model_cfg.dtype)
-        cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, self.state.params)
-        return sampling.sampling_params(cast, self.mesh)
+        return decode_params(self.state.params, self.config.sampling.decode_layout, self.model_cfg, self.mesh)
 
     def sample(self, params, questions: list[np.ndarray], stream: int, n: int | None = None,
                progress=None) -> sampling.Rollouts:
@@ -454,6 +460,10 @@ class Run:
         return evaluate_policy(self.config, self.eval_sets, self.policy(), scorer, int(self.state.step),
                                self.reporter.progress).metrics
 
+    def export(self, directory: str, dtype: str = "bfloat16") -> str:
+        """The current policy as a Hugging Face directory (export.py); returns its path."""
+        return export.export_policy(self.graphdef, self.state.params, self.tokenizer, self.sampling_cfg, directory, dtype)
+
     def checkpoint(self) -> None:
         step = int(self.state.step)
         self.checkpointer.save(step, self.state, self.data_iter.get_state(), self.config.to_dict())
@@ -495,6 +505,8 @@ class Run:
                     if c.train.eval_every:
                         self.reporter.log(0, self.evaluate(scorer))
                 self.loop(scorer)
+            if c.train.export_at_end:
+                self.print(f"exported to {self.export(os.path.join(self.workdir, 'hf'))}")
         finally:
             self.checkpointer.wait()
             self.checkpointer.close()

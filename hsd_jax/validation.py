@@ -168,8 +168,9 @@ def _check_hindsight(config: ml_collections.ConfigDict, loss_cfg: losses.LossCon
           f"and rollout alone may take {needed} tokens; raise it (the recipe uses ~2 x that).")
 
 
-def validate(config: ml_collections.ConfigDict) -> losses.LossConfig:
+def validate(config: ml_collections.ConfigDict, training: bool = True) -> losses.LossConfig:
     """Checks a resolved config before anything loads or compiles; returns its `LossConfig`.
+    `training=False` (main.py's export, eval and sample modes) does not ask for training files.
 
     Raises ConfigError naming the field, the value and what is allowed.
     """
@@ -177,7 +178,7 @@ def validate(config: ml_collections.ConfigDict) -> losses.LossConfig:
     _need(c.data.kind in DATA_KINDS, f"config.data.kind={c.data.kind!r}: use one of {', '.join(DATA_KINDS)}.")
     _need(bool(c.model.path or c.model.preset or c.model.arch),
           "config.model: set model.path (a local HF Qwen3 directory), model.preset or model.arch.")
-    _need(c.data.kind == "toy" or bool(c.data.train_files),
+    _need(not training or c.data.kind == "toy" or bool(c.data.train_files),
           f"config.data.train_files is empty for data.kind={c.data.kind!r}; give JSONL/Parquet files.")
     _need(c.data.kind == "toy" or bool(c.tokenizer_path or c.model.path),
           "config.tokenizer_path is empty and there is no config.model.path to take the tokenizer from.")
