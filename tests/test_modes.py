@@ -148,3 +148,17 @@ def test_sample_mode_prints_responses_and_rewards_of_rows_with_answers(workdir, 
     truncated = [", truncated" in part.split("\n")[0] for part in blocks[0].split("--- response ")[1:]]
     assert first_rewards == [0.0 if t else float(r) for r, t in zip(expected, truncated)]
     assert "reward" not in blocks[1]  # a plain question has nothing to check against
+
+
+def test_eval_of_the_exported_directory_as_model_path_matches_the_checkpoint(workdir, tmp_path):
+    rows = [data.toy_problem(random.Random(i)) for i in range(4)]
+    with open(tmp_path / "probe.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    spec = f"{tmp_path / 'probe.jsonl'}:greedy"
+    exported = modes.run_export(tiny_config(workdir), str(tmp_path / "hf32"), dtype="float32")
+    from_checkpoint = modes.run_eval(tiny_config(workdir, data__eval_files=spec))
+    fresh = tmp_path / "fresh"  # no checkpoints: the model is model.path, its tokenizer the exported one
+    from_hf = modes.run_eval(tiny_config(fresh, data__eval_files=spec, model__path=exported))
+    assert from_hf.metrics == from_checkpoint.metrics  # greedy decoding of the same weights
+    with open(fresh / "eval_hf.json") as f:
+        assert json.load(f)["model"] == exported
