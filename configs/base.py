@@ -46,6 +46,9 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
             # comma-separated JSONL/Parquet files of data.kind's rows; prefix other kinds' with
             # 'math=' / 'code=' (e.g. "m.jsonl,code=c.jsonl")
             train_files="",
+            # comma-separated, prefixed like train_files; FILE:avg@16 (16 samples, temperature 1, no
+            # top-p) or FILE:greedy picks a file's decoding, plain FILE samples train.eval_samples at
+            # the run's settings
             eval_files="",
             # kinds per step, e.g. "math:4,code:1" (the paper's mix; each step holds each kind's share
             # of questions_per_step, rounded); "" = data.kind only. kind=toy: toy math and toy code
@@ -112,7 +115,9 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
             checkpoint_every=50,
             max_to_keep=3,
             eval_every=0,
-            eval_samples=16,
+            eval_samples=16,  # samples per question of an eval file without a decoding suffix
+            eval_ks=(1,),  # pass@k reported for each k (up to each eval set's sample count)
+            export_at_end=True,  # the final policy as a Hugging Face directory in <workdir>/hf (bfloat16)
             max_skipped_updates=5,  # consecutive non-finite updates (each skipped) that stop the run
         )
     )

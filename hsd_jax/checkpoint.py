@@ -50,6 +50,18 @@ class Checkpointer:
         )
         return restored.state, restored.data, restored.config
 
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the params of `step`'s train state, into the shapes and shardings of
+        `abstract_params` (the optimizer state is neither read nor allocated)."""
+        item = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                      partial_restore=True)
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            return checkpointer.restore(os.path.join(self.manager.directory, str(step), "state"), args=args)["params"]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

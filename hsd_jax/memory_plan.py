@@ -47,7 +47,7 @@ from flax import nnx
 
 from hsd_jax import batch as batch_lib
 from hsd_jax import hindsight, sampling, sharding, trainer, validation
-from models import qwen3
+from hsd_jax._models import qwen3
 
 GIB = 2**30
 ATTENTION_FOOTPRINTS = ("fused", "xla")

@@ -26,6 +26,12 @@ CONSOLE_KEYS = ("reward", "coverage", "loss", "divergence", "kl", "entropy", "cr
                 "response_length", "tokens_per_s")
 
 
+def is_eval_accuracy(key: str) -> bool:
+    """Eval metrics shown in step lines and eval.png: `eval/accuracy` and each set's `eval/<set>/avg@n`
+    (the rest of evaluate.py's metrics go to metrics.jsonl and TensorBoard)."""
+    return key == "eval/accuracy" or key.startswith("eval/") and key.rsplit("/", 1)[1].startswith("avg@")
+
+
 def format_value(value: float) -> str:
     """`0.1234567` -> `0.1235`; NaN or inf (a metric undefined on this step) -> `-`."""
     return f"{value:.4g}" if math.isfinite(value) else "-"
@@ -88,6 +94,14 @@ def plot_curves(path: str | os.PathLike, rows: Iterable[Mapping], keys: Iterable
     return True
 
 
+def progress_bar(total: int, description: str, initial: int = 0, *, enabled: bool = True):
+    """A tqdm bar with ETA on stderr when it is an interactive terminal and `enabled` (process 0)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True, leave=False,
+                disable=None if enabled else True, file=sys.stderr)
+
+
 class Reporter:
     """A run's outputs in `workdir`: metrics.jsonl, tensorboard/, curves.png, eval.png, credit_profile.png."""
 
@@ -126,10 +140,7 @@ class Reporter:
 
     def progress(self, total: int, description: str, initial: int = 0):
         """A tqdm bar with ETA on an interactive terminal (none in log files or on other processes)."""
-        from tqdm import tqdm
-
-        return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True, leave=False,
-                    disable=None if self.enabled else True, file=sys.stderr)
+        return progress_bar(total, description, initial, enabled=self.enabled)
 
     def log(self, step: int, metrics: Mapping[str, float], *, echo: bool = True) -> None:
         """Appends `{"step": step, **metrics}` to metrics.jsonl and TensorBoard; prints a step line."""
@@ -149,7 +160,7 @@ class Reporter:
     def step_line(self, step: int, row: Mapping[str, float]) -> str:
         """`step 3/20 reward=0.25 ... credit_mass_w8=- | 1.2 s/step, eta 20s` (undefined metrics as `-`)."""
         shown = " ".join(f"{k}={format_value(row[k])}" for k in CONSOLE_KEYS if k in row)
-        evals = " ".join(f"{k}={format_value(v)}" for k, v in row.items() if k.startswith("eval/"))
+        evals = " ".join(f"{k}={format_value(v)}" for k, v in row.items() if is_eval_accuracy(k))
         done = step - self.first_step
         per_step = (time.perf_counter() - self.started) / max(done, 1)
         timing = f"{per_step:.1f} s/step, eta {format_duration(per_step * max(self.total_steps - step, 0))}" if done > 0 else ""
@@ -172,7 +183,7 @@ class Reporter:
             return
         plot_curves(os.path.join(self.workdir, "curves.png"), self.rows,
                     ("reward", "coverage", "loss", "kl", "credit_mass_w8", "response_length"), "training")
-        eval_keys = sorted({k for r in self.rows for k in r if k.startswith("eval/")})
+        eval_keys = sorted({k for r in self.rows for k in r if is_eval_accuracy(k)})
         plot_curves(os.path.join(self.workdir, "eval.png"), self.rows, eval_keys, "held-out evaluation")
         if self.profile_count is not None and self.profile_count.sum() > 0:
             from hsd_jax.hindsight import CreditProfile, plot_credit_profile

@@ -140,3 +140,24 @@ def concat_groups(parts: Sequence[ScoredGroups]) -> ScoredGroups:
     rollouts = dataclasses.replace(rollouts, prompt_index=np.repeat(np.arange(groups, dtype=np.int32), G))
     return ScoredGroups([ex for p in parts for ex in p.examples], [q for p in parts for q in p.questions], rollouts,
                         np.concatenate([p.rewards for p in parts]), G)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """What sampling from a model needs: its graphdef and decode params, the chat template's
+    tokens, the tokenizer, the run's sampler settings, the rows per sampler call and the mesh.
+    Training's evaluation, --mode=eval and --mode=sample sample through it."""
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    template: hindsight.TemplateTokens
+    tokenizer: Any
+    sampling_cfg: sampling.SamplingConfig
+    rows_per_call: int
+    mesh: jax.sharding.Mesh
+
+    def sample(self, questions: Sequence[np.ndarray], key: jax.Array, cfg: sampling.SamplingConfig | None = None,
+               progress: Callable[[int], Any] | None = None) -> sampling.Rollouts:
+        """`sample` of the questions with `cfg` (default the run's settings)."""
+        return sample(self.graphdef, self.params, self.template, questions, key, cfg or self.sampling_cfg,
+                      rows_per_call=self.rows_per_call, mesh=self.mesh, progress=progress)

@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from hsd_jax import sharding
-from models.qwen3 import DTYPES, KVCache, Qwen3Config
+from hsd_jax._models import qwen3
 
 # Sampling keeps weights whole along the data/fsdp axes (an all-gather per decode step would cost
 # more than the memory saved) and splits heads, MLP and vocab over the tensor axis.
@@ -96,7 +96,7 @@ class SamplingConfig:
         need(all(i >= 0 for i in self.eos_ids), "eos_ids", "use non-negative token ids")
         need(_is_int(self.pad_id) and self.pad_id >= 0, "pad_id", "use a non-negative token id")
         need(bool(self.prompt_buckets) and self.prompt_buckets[0] >= 1, "prompt_buckets", "give at least one length >= 1")
-        need(self.cache_dtype is None or self.cache_dtype in DTYPES, "cache_dtype", f"use None or one of {sorted(DTYPES)}")
+        need(self.cache_dtype is None or self.cache_dtype in qwen3.DTYPES, "cache_dtype", f"use None or one of {sorted(qwen3.DTYPES)}")
 
 
 def _is_int(x: Any) -> bool:
@@ -271,7 +271,7 @@ def prompt_bucket(length: int, buckets: Sequence[int]) -> int:
                      "add a larger length to SamplingConfig.prompt_buckets or shorten the prompt.")
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], config: SamplingConfig, model_config: Qwen3Config) -> None:
+def check_prompts(prompts: Sequence[Sequence[int]], config: SamplingConfig, model_config: qwen3.Qwen3Config) -> None:
     """Raises ValueError naming the problem and the fix; runs before anything traces."""
     V, context = model_config.vocab_size, model_config.max_position_embeddings
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)) or len(prompts) == 0:
@@ -329,21 +329,21 @@ def _prefill(model, tokens: jax.Array, pads: jax.Array, config: SamplingConfig, 
     slots = jnp.arange(T)[None]
     positions = jnp.maximum(slots - pads[:, None], 0)
     segments = (slots >= pads[:, None]).astype(jnp.int32)
-    cache = KVCache.init(model.config, P, T, config.cache_dtype)
+    cache = qwen3.KVCache.init(model.config, P, T, config.cache_dtype)
     cache = dataclasses.replace(cache, k=_constrain(cache.k, CACHE_AXES, mesh, rules),
                                 v=_constrain(cache.v, CACHE_AXES, mesh, rules))
     hidden, cache = model(tokens, positions, segments, cache)
     return model.logits(hidden[:, -1]), cache
 
 
-def _expand_cache(cache: KVCache, n: int, slots: int, mesh, rules) -> KVCache:
+def _expand_cache(cache: qwen3.KVCache, n: int, slots: int, mesh, rules) -> qwen3.KVCache:
     """Repeats each prompt's cache row n times and adds empty slots up to `slots`."""
     T = cache.segment_ids.shape[1]
     def grow(a, axis):  # repeat along the batch axis, pad the slot axis right after it
         widths = [(0, slots - T) if d == axis + 1 else (0, 0) for d in range(a.ndim)]
         return jnp.pad(jnp.repeat(a, n, axis=axis), widths)
 
-    return KVCache(
+    return qwen3.KVCache(
         k=_constrain(grow(cache.k, 1), CACHE_AXES, mesh, rules),
         v=_constrain(grow(cache.v, 1), CACHE_AXES, mesh, rules),
         segment_ids=_constrain(grow(cache.segment_ids, 0), ("batch", "length"), mesh, rules),

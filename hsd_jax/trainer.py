@@ -35,10 +35,10 @@ import optax
 from flax import nnx
 
 from hsd_jax import batch as batch_lib
-from hsd_jax import data, evaluate, hindsight, losses, reporting, rewards, rollout, sampling, sharding, validation, warmup
+from hsd_jax import data, evaluate, export, hindsight, losses, reporting, rewards, rollout, sampling, sharding, validation, warmup
 from hsd_jax.checkpoint import Checkpointer, restore_params, save_params
 from hsd_jax.rewards.code import SandboxLimits
-from models import hf, qwen3
+from hsd_jax._models import hf, qwen3
 
 logger = logging.getLogger(__name__)
 
@@ -127,22 +127,32 @@ def teacher_template(config: ml_collections.ConfigDict) -> hindsight.TeacherTemp
 TOY_PROBLEMS = {"math": data.toy_problem, "code": data.toy_code_problem}
 
 
-def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Train and eval files by kind of rows (`validation.kind_files`); the toy task writes its own
-    into `workdir`, one pair per kind of the mixture (toy math: toy_train.jsonl / toy_eval.jsonl)."""
+def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, list[str]], list[evaluate.EvalSet]]:
+    """Train files by kind of rows (`validation.kind_files`) and eval sets (`validation.eval_sets`).
+    The toy task writes its own into `workdir`: a train file per kind of the mixture (toy math:
+    toy_train.jsonl) and, unless `data.eval_files` names some, an eval set per kind."""
     d = config.data
-    if d.kind == "toy":
-        train, evals = {}, {}
-        for kind in validation.mixture(config):
-            name = "toy" if kind == "math" else f"toy_{kind}"
-            problem = TOY_PROBLEMS[kind]
-            train[kind] = [data.write_toy_dataset(os.path.join(workdir, f"{name}_train.jsonl"), d.toy_examples,
-                                                  config.seed, problem)]
-            evals[kind] = [data.write_toy_dataset(os.path.join(workdir, f"{name}_eval.jsonl"), 64, config.seed + 1,
-                                                  problem)]
-        return train, evals
-    return validation.kind_files(d.train_files, validation.row_kind(config)), validation.kind_files(
-        d.eval_files, validation.row_kind(config))
+    eval_sets = validation.eval_sets(config)
+    if d.kind != "toy":
+        return validation.kind_files(d.train_files, validation.row_kind(config)), eval_sets
+    train, toy_evals = {}, []
+    for kind in validation.mixture(config):
+        name, problem = ("toy" if kind == "math" else f"toy_{kind}"), TOY_PROBLEMS[kind]
+        train[kind] = [data.write_toy_dataset(os.path.join(workdir, f"{name}_train.jsonl"), d.toy_examples, config.seed,
+                                              problem)]
+        toy_evals.append(f"{kind}=" + data.write_toy_dataset(os.path.join(workdir, f"{name}_eval.jsonl"), 64,
+                                                             config.seed + 1, problem))
+    return train, eval_sets or evaluate.parse_eval_files(",".join(toy_evals), config.train.eval_samples)
+
+
+def decode_params(params, decode_layout: str, model_cfg: qwen3.Qwen3Config, mesh):
+    """Params for decoding (`Run.decode_params`): "train" the arrays themselves; "tensor" a copy in
+    the compute dtype in the sampler's tensor-parallel layout, made one array at a time."""
+    if decode_layout == "train":
+        return params
+    dtype = jnp.dtype(model_cfg.dtype)
+    cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    return sampling.sampling_params(cast, mesh)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,11 +386,12 @@ class Run:
         self.loss_cfg = validation.validate(c)
         self.workdir = os.path.abspath(c.workdir)
         self.mixture = validation.mixture(c)  # kind of rows -> weight per step
-        self.train_files, self.eval_files = data_files(c, self.workdir)  # kind of rows -> files
+        self.train_files, self.eval_sets = data_files(c, self.workdir)  # kind of rows -> files; eval sets
         try:
-            for field, sources in (("config.data.train_files", self.train_files), ("config.data.eval_files", self.eval_files)):
-                for kind, paths in sources.items():
-                    data.check_files(paths, kind, field)
+            for kind, paths in self.train_files.items():
+                data.check_files(paths, kind, "config.data.train_files")
+            for eval_set in self.eval_sets:
+                data.check_files([eval_set.path], eval_set.kind, "config.data.eval_files")
         except (FileNotFoundError, ValueError) as error:
             raise validation.ConfigError(str(error)) from None
         self.is_main = jax.process_index() == 0
@@ -426,11 +437,7 @@ class Run:
         moved into the sampler's tensor-parallel layout one array at a time
         (`sampling.sampling_params`), so decode steps do not all-gather FSDP shards. With "train":
         the training arrays themselves."""
-        if self.config.sampling.decode_layout == "train":
-            return self.state.params
-        dtype = jnp.dtype(self.model_cfg.dtype)
-        cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, self.state.params)
-        return sampling.sampling_params(cast, self.mesh)
+        return decode_params(self.state.params, self.config.sampling.decode_layout, self.model_cfg, self.mesh)
 
     def sample(self, params, questions: list[np.ndarray], stream: int, n: int | None = None,
                progress=None, fold: int | None = None) -> sampling.Rollouts:
@@ -561,27 +568,19 @@ class Run:
         if self.ref_params is not None:
             self.ref_params = jax.tree.map(jnp.copy, params)
 
-    def evaluate(self, scorer: rewards.Scorer) -> dict[str, float]:
-        """avg@n / pass@1 on the eval files' validated examples at the sampling temperature; with
-        eval files of several kinds, also per kind (`eval/<kind>/avg@n`, ...).
+    def policy(self) -> rollout.Policy:
+        """The current policy for sampling, with its decode params (`decode_params`)."""
+        return rollout.Policy(self.graphdef, self.decode_params(), self.template, self.tokenizer, self.sampling_cfg,
+                              self.config.sampling.rows_per_call, self.mesh)
 
-        Processes split the examples (a remainder smaller than the process count is left out)."""
-        c, n = self.config, self.config.train.eval_samples
-        examples, _ = data.mixture_examples(self.eval_files, self.tokenizer, max_prompt_len=c.data.max_prompt_len,
-                                            template=c.data.template, enable_thinking=c.data.enable_thinking)
-        per_process = len(examples) // jax.process_count()  # each process evaluates its slice
-        kinds = np.array([ex["kind"] for ex in examples[: per_process * jax.process_count()]])
-        examples = examples[jax.process_index() * per_process : (jax.process_index() + 1) * per_process]
-        questions = rollout.question_tokens(self.tokenizer, examples)
-        with self.reporter.progress(len(questions), "eval") as bar:
-            rollouts = self.sample(self.decode_params(), questions, STREAM_EVAL, n=n, progress=bar.update)
-        rewards_, _ = rollout.score(scorer, self.tokenizer, examples, rollouts)
-        rewards_ = sharding.gather_rows(rewards_).reshape(-1, n)
-        metrics = {f"eval/{k}": v for k, v in evaluate.summarize(rewards_).items()}
-        if len(set(kinds)) > 1:
-            for kind in dict.fromkeys(kinds):
-                metrics.update({f"eval/{kind}/{k}": v for k, v in evaluate.summarize(rewards_[kinds == kind]).items()})
-        return metrics
+    def evaluate(self, scorer: rewards.Scorer) -> dict[str, float]:
+        """The eval sets' metrics (`evaluate.evaluate`: `eval/<set>/avg@n`, ..., `eval/accuracy`)."""
+        return evaluate_policy(self.config, self.eval_sets, self.policy(), scorer, int(self.state.step),
+                               self.reporter.progress).metrics
+
+    def export(self, directory: str, dtype: str = "bfloat16") -> str:
+        """The current policy as a Hugging Face directory (export.py); returns its path."""
+        return export.export_policy(self.graphdef, self.state.params, self.tokenizer, self.sampling_cfg, directory, dtype)
 
     def checkpoint(self) -> None:
         step = int(self.state.step)
@@ -630,6 +629,8 @@ class Run:
                     if c.train.eval_every:
                         self.reporter.log(0, self.evaluate(scorer))
                 self.loop(scorer)
+            if c.train.export_at_end:
+                self.print(f"exported to {self.export(os.path.join(self.workdir, 'hf'))}")
         finally:
             self.checkpointer.wait()
             self.checkpointer.close()
@@ -662,6 +663,18 @@ class Run:
                     self.checkpoint()
                 if evaluated:
                     self.reporter.plot()
+
+
+def evaluate_policy(config: ml_collections.ConfigDict, eval_sets: list[evaluate.EvalSet], policy: rollout.Policy,
+                    scorer, step: int, progress=None) -> evaluate.EvalReport:
+    """`evaluate.evaluate` of `policy` on the validated examples of `eval_sets`, drawing from the
+    eval stream at `step` (training's evaluation and --mode=eval alike)."""
+    d = config.data
+    examples_of = lambda eval_set: data.prompt_examples(
+        [eval_set.path], eval_set.kind, policy.tokenizer, max_prompt_len=d.max_prompt_len, template=d.template,
+        enable_thinking=d.enable_thinking)[0]
+    return evaluate.evaluate(eval_sets, examples_of, policy, scorer, step_key(config.seed, STREAM_EVAL, step),
+                             ks=tuple(config.train.eval_ks), progress=progress)
 
 
 def train(config: ml_collections.ConfigDict) -> None:

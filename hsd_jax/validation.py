@@ -21,7 +21,7 @@ import uuid
 import jax
 import ml_collections
 
-from hsd_jax import data, hindsight, losses, sharding
+from hsd_jax import data, evaluate, hindsight, losses, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -165,10 +165,19 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
         _need(os.path.isdir(config.train.init_params),
               f"config.train.init_params={config.train.init_params!r} is not a directory; point it at saved params "
               "(a run's <workdir>/warmup_policy).")
-    for field in ("train_files", "eval_files"):
-        for paths in kind_files(d[field], row_kind(config)).values():
-            for path in paths:
-                _need(os.path.isfile(path), f"config.data.{field}: {path!r} does not exist.")
+    for paths in kind_files(d.train_files, row_kind(config)).values():
+        for path in paths:
+            _need(os.path.isfile(path), f"config.data.train_files: {path!r} does not exist.")
+    for eval_set in eval_sets(config):
+        _need(os.path.isfile(eval_set.path), f"config.data.eval_files: {eval_set.path!r} does not exist.")
+
+
+def eval_sets(config: ml_collections.ConfigDict) -> list[evaluate.EvalSet]:
+    """`data.eval_files` parsed (`evaluate.parse_eval_files`); its errors name the field."""
+    try:
+        return evaluate.parse_eval_files(config.data.eval_files, config.train.eval_samples, row_kind(config))
+    except ValueError as error:
+        raise ConfigError(f"config.data.eval_files: {error}") from None
 
 
 def _check_mixture(config: ml_collections.ConfigDict) -> None:
@@ -180,7 +189,7 @@ def _check_mixture(config: ml_collections.ConfigDict) -> None:
                           "per step (config.data.questions_per_step); raise its weight or questions_per_step.")
     if d.kind == "toy":  # the toy task writes a file of each kind
         return
-    train, evals = kind_files(d.train_files, row_kind(config)), kind_files(d.eval_files, row_kind(config))
+    train, evals = kind_files(d.train_files, row_kind(config)), {s.kind for s in eval_sets(config)}
     mix = f"config.data.mixture={d.mixture!r}" if d.mixture.strip() else f"config.data.kind={d.kind!r} (no data.mixture)"
     for kind in weights:
         _need(kind in train, f"config.data.train_files has no {kind} file for {mix}; prefix {kind} files with '{kind}='.")
@@ -208,6 +217,7 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
     _need(o.max_grad_norm > 0, f"config.optimizer.max_grad_norm={o.max_grad_norm} must be > 0.")
     if t.sft_warmup_steps:
         _need(t.sft_learning_rate > 0, f"config.train.sft_learning_rate={t.sft_learning_rate} must be > 0.")
+    _need(len(t.eval_ks) > 0 and all(k >= 1 for k in t.eval_ks), f"config.train.eval_ks={tuple(t.eval_ks)}: give k values >= 1.")
     for field in ("checkpoint_every", "log_every", "eval_samples", "max_to_keep", "micro_batch", "ppo_epochs",
                   "minibatches_per_step"):
         _need(t[field] >= 1, f"config.train.{field}={t[field]} must be >= 1.")
@@ -247,8 +257,9 @@ def _check_hindsight(config: ml_collections.ConfigDict, loss_cfg: losses.LossCon
           f"alone may take {needed} tokens; raise it (the recipe uses ~2 x that).")
 
 
-def validate(config: ml_collections.ConfigDict) -> losses.LossConfig:
+def validate(config: ml_collections.ConfigDict, training: bool = True) -> losses.LossConfig:
     """Checks a resolved config before anything loads or compiles; returns its `LossConfig`.
+    `training=False` (main.py's export, eval and sample modes) does not ask for training files.
 
     Raises ConfigError naming the field, the value and what is allowed.
     """
@@ -256,7 +267,7 @@ def validate(config: ml_collections.ConfigDict) -> losses.LossConfig:
     _need(c.data.kind in DATA_KINDS, f"config.data.kind={c.data.kind!r}: use one of {', '.join(DATA_KINDS)}.")
     _need(bool(c.model.path or c.model.preset or c.model.arch),
           "config.model: set model.path (a local HF Qwen3 directory), model.preset or model.arch.")
-    _need(c.data.kind == "toy" or bool(c.data.train_files),
+    _need(not training or c.data.kind == "toy" or bool(c.data.train_files),
           f"config.data.train_files is empty for data.kind={c.data.kind!r}; give JSONL/Parquet files.")
     _need(c.data.kind == "toy" or bool(c.tokenizer_path or c.model.path),
           "config.tokenizer_path is empty and there is no config.model.path to take the tokenizer from.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from typing import Any
 
 import jax
@@ -23,7 +24,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from models.qwen3 import DTYPES, Qwen3, Qwen3Config, abstract_model
+from .qwen3 import DTYPES, Qwen3, Qwen3Config, abstract_model
 
 # port parameter path -> (HF tensor name, how many leading port axes form HF's "in" axis).
 # HF stores a linear weight as [out, in]; the port as [in..., out...] (e.g. q_proj [D, N, H],
@@ -155,32 +156,57 @@ def load_model(
     return nnx.merge(graphdef, state)
 
 
-def hf_tensors(model: Qwen3) -> dict[str, np.ndarray]:
-    """The model's parameters as HF-named host arrays (layers unstacked)."""
+def hf_entries(model: Qwen3) -> list[tuple[str, jax.Array, int | None, int]]:
+    """(HF tensor name, port array, layer index or None, in_axes) of every HF tensor, in order
+    (stacked layer parameters give one entry per layer)."""
     _, state = nnx.split(model)
-    tensors = {}
+    entries = []
     for key_path, variable in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)[0]:
         path = _path_name(key_path)
         hf_name, in_axes = HF_NAMES[path]
-        value = np.asarray(jax.device_get(variable[...]))
-        if path.startswith("layers."):
-            for layer, layer_value in enumerate(value):
-                tensors[hf_name.format(layer)] = np.ascontiguousarray(to_hf_tensor(layer_value, in_axes))
-        else:
-            tensors[hf_name] = np.ascontiguousarray(to_hf_tensor(value, in_axes))
-    return tensors
+        value = variable[...]
+        layers = range(value.shape[0]) if path.startswith("layers.") else [None]
+        entries += [(hf_name.format(layer) if layer is not None else hf_name, value, layer, in_axes) for layer in layers]
+    return entries
 
 
-def split_shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
-    """Groups tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets a
-    shard of its own)."""
-    shards, current, size = [], {}, 0
-    for name, tensor in tensors.items():
-        if current and size + tensor.nbytes > max_shard_bytes:
+@partial(jax.jit, static_argnums=(2,))
+def _layer_slice(value: jax.Array, layer: jax.Array, dtype) -> jax.Array:
+    return value[layer].astype(dtype)
+
+
+def host_tensor(value: jax.Array, layer: int | None, in_axes: int, dtype=None) -> np.ndarray:
+    """One HF tensor in host memory, in HF layout and `dtype` (default the array's): layer
+    `layer` of a stacked parameter (sliced on device) or the whole array, gathered from every
+    process (all processes must call this, in the same order)."""
+    dtype = jnp.dtype(dtype or value.dtype)
+    if layer is not None:
+        value = _layer_slice(value, jnp.asarray(layer, jnp.int32), dtype)
+    value = value.astype(dtype)
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        host = np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    else:
+        host = np.asarray(jax.device_get(value))
+    return np.ascontiguousarray(to_hf_tensor(host, in_axes))
+
+
+def hf_tensors(model: Qwen3) -> dict[str, np.ndarray]:
+    """The model's parameters as HF-named host arrays (layers unstacked)."""
+    return {name: host_tensor(value, layer, in_axes) for name, value, layer, in_axes in hf_entries(model)}
+
+
+def split_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Groups tensor names, in order, into shards of at most `max_shard_bytes` by their byte
+    sizes (a larger tensor gets a shard of its own)."""
+    shards, current, size = [], [], 0
+    for name, nbytes in sizes.items():
+        if current and size + nbytes > max_shard_bytes:
             shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor
-        size += tensor.nbytes
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
     return shards + [current]
 
 
@@ -194,32 +220,42 @@ def _remove_weight_files(path: str) -> None:
             os.remove(os.path.join(path, name))
 
 
-def save_model(model: Qwen3, path: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+def save_model(model: Qwen3, path: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES, dtype: str | None = None) -> None:
     """Writes config.json and safetensors weights that transformers loads: `model.safetensors`,
     or `model-0000i-of-0000n.safetensors` files with `model.safetensors.index.json` when they pass
-    `max_shard_bytes` (4 GiB by default). Weight files of an earlier save in `path` are replaced.
-    A tied head is not written (`tie_word_embeddings` in config.json). A mesh-sharded model is
-    gathered into host memory (single host only)."""
+    `max_shard_bytes` (4 GiB by default), in `dtype` (e.g. "bfloat16"; default the params').
+    Weight files of an earlier save in `path` are replaced. A tied head is not written
+    (`tie_word_embeddings` in config.json).
+
+    A mesh-sharded model is gathered one tensor (one layer of a stacked parameter) at a time and
+    written one shard file at a time, so host memory holds at most one shard. Multi-process: every
+    process calls this (each tensor is gathered collectively); only process 0 writes.
+    """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}.")
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    _remove_weight_files(path)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(model.config.to_hf(), f, indent=2)
-    tensors = hf_tensors(model)
-    shards = split_shards(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-    total = sum(t.nbytes for t in tensors.values())
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    writer = jax.process_index() == 0
+    hf_config = model.config.to_hf()
+    dtype = jnp.dtype(dtype or hf_config["torch_dtype"])
+    entries = {name: (value, layer, in_axes) for name, value, layer, in_axes in hf_entries(model)}
+    sizes = {name: int(np.prod(value.shape[layer is not None:])) * dtype.itemsize for name, (value, layer, _) in entries.items()}
+    shards = split_shards(sizes, max_shard_bytes)
+    files = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if writer:
+        os.makedirs(path, exist_ok=True)
+        _remove_weight_files(path)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({**hf_config, "torch_dtype": dtype.name}, f, indent=2)
+    for file, names in zip(files, shards):
+        tensors = {name: host_tensor(*entries[name], dtype=dtype) for name in names}
+        if writer:
+            save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
+        del tensors
+    if writer and len(shards) > 1:
+        weight_map = {name: file for file, names in zip(files, shards) for name in names}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, f, indent=2)
 
 
 def load_tokenizer(path: str | os.PathLike):

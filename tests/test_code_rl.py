@@ -300,25 +300,29 @@ def test_a_toy_mixture_trains_end_to_end_with_each_row_scored_by_its_kind(mixed_
 
 
 def test_evaluation_reports_each_kind(mixed_run, tmp_path, monkeypatch):
+    """A math and a code eval set (`code=` prefix): each scored as its kind, per set and overall."""
     import random
 
-    from hsd_jax import data, reporting
+    from hsd_jax import data, evaluate, reporting
 
     run = mixed_run
     monkeypatch.setattr(run, "reporter", reporting.Reporter(str(tmp_path), run.config.train.steps, enabled=False))
-    monkeypatch.setattr(run.config.train, "eval_samples", 2)
     math_rows = [data.toy_problem(random.Random(i)) for i in range(2)]
     code_rows = [data.toy_code_problem(random.Random(i)) for i in range(1)]
-    monkeypatch.setattr(run, "eval_files", {"math": [str(write_rows(tmp_path / "m.jsonl", math_rows))],
-                                            "code": [str(write_rows(tmp_path / "c.jsonl", code_rows))]})
+    spec = f"{write_rows(tmp_path / 'm.jsonl', math_rows)},code={write_rows(tmp_path / 'c.jsonl', code_rows)}"
+    monkeypatch.setattr(run, "eval_sets", evaluate.parse_eval_files(spec, 2))
     verdicts = {math_rows[0]["question"]: [1, 1], math_rows[1]["question"]: [0, 1], code_rows[0]["question"]: [0, 0]}
+    kinds = {}
 
     def scripted_scorer(examples, completions, truncated):
+        kinds.update({ex["question"]: ex["kind"] for ex in examples})
         return np.array([v for ex in examples for v in verdicts[ex["question"]]], np.float32), ["x"] * len(completions)
 
     metrics = run.evaluate(scripted_scorer)
-    assert metrics == pytest.approx({"eval/avg@2": 3 / 6, "eval/pass@1": 3 / 6, "eval/math/avg@2": 3 / 4,
-                                     "eval/math/pass@1": 3 / 4, "eval/code/avg@2": 0.0, "eval/code/pass@1": 0.0})
+    assert kinds == {math_rows[0]["question"]: "math", math_rows[1]["question"]: "math", code_rows[0]["question"]: "code"}
+    expected = {"eval/m/avg@2": 3 / 4, "eval/m/pass@1": 3 / 4, "eval/c/avg@2": 0.0, "eval/c/pass@1": 0.0,
+                "eval/accuracy": (1 + 0.5 + 0) / 3}
+    assert {k: metrics[k] for k in expected} == pytest.approx(expected)
 
 
 def write_rows(path, rows):

@@ -1,8 +1,9 @@
 """Multi-process training for real: two JAX processes on localhost (CPU, gloo collectives, a
 loopback coordinator), two simulated devices each, one mesh over both.
 
-They must train exactly like one process with four devices on the same global batches, and a
-kill -9 of both followed by a restart must resume from the last checkpoint.
+They must train exactly like one process with four devices on the same global batches, a
+kill -9 of both followed by a restart must resume from the last checkpoint, and the model they
+export at the end must be the one a single process exports.
 """
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -65,6 +67,15 @@ def checkpoint_state(workdir, step):
         return checkpointer.restore(path, restore_args=as_numpy)
 
 
+def exported_tensors(directory) -> dict[str, np.ndarray]:
+    """Every tensor of the safetensors files of a Hugging Face directory, by name."""
+    tensors = {}
+    for path in Path(directory).glob("*.safetensors"):
+        with safe_open(path, framework="numpy") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
 def metrics(workdir):
     return [json.loads(line) for line in open(Path(workdir) / "metrics.jsonl")]
 
@@ -98,3 +109,9 @@ def test_two_processes_train_like_one_and_resume_after_kill(tmp_path):
     for a, b in zip(metrics(single), metrics(multi)):
         for key in ("reward", "response_length", "loss", "divergence", "coverage"):
             assert a[key] == b[key] or abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a, b)
+    # The export at the end (train.export_at_end): each tensor gathered over both processes and
+    # written once, by process 0, is the model one process exports (bfloat16: a rounding apart).
+    one, two = exported_tensors(single / "hf"), exported_tensors(multi / "hf")
+    assert set(one) == set(two) and len(one) > 0
+    for name, tensor in one.items():
+        np.testing.assert_allclose(two[name].astype(np.float32), tensor.astype(np.float32), rtol=1e-2, atol=1e-5, err_msg=name)

@@ -44,6 +44,14 @@ def test_step_line_shows_undefined_metrics_as_a_dash(tmp_path):
     reporter.close()
 
 
+def test_step_line_shows_eval_accuracies_only(tmp_path):
+    reporter = reporting.Reporter(str(tmp_path), total_steps=20)
+    line = reporter.step_line(3, {"eval/aime/avg@16": 0.25, "eval/aime/pass@4": 0.5, "eval/he/avg@1": 0.125,
+                                  "eval/he/truncated": 0.0, "eval/accuracy": 0.2, "eval/response_length": 9.0})
+    assert line.split(" | ")[0] == "step 3/20 eval/aime/avg@16=0.25 eval/he/avg@1=0.125 eval/accuracy=0.2"
+    reporter.close()
+
+
 def test_resume_keeps_each_step_once_in_jsonl_and_tensorboard(tmp_path):
     first = reporting.Reporter(str(tmp_path), total_steps=5)
     for step in range(0, 5):  # the run checkpointed at step 3, logged 4, then was killed

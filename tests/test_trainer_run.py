@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from hsd_jax import data, reporting, trainer, warmup
+from hsd_jax import data, evaluate, reporting, trainer, warmup
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ("--config.data.toy_examples=64", "--config.data.questions_per_step=2", "--config.sampling.group_size=4",
@@ -118,18 +118,24 @@ def test_consecutive_skipped_updates_stop_the_run(quiet, monkeypatch):
 def test_evaluate_summarizes_the_rewards_it_scored(quiet, tmp_path, monkeypatch):
     run = quiet
     rows = [data.toy_problem(random.Random(i)) for i in range(2)]
-    monkeypatch.setattr(run, "eval_files", {"math": [write_jsonl(tmp_path / "eval.jsonl", rows)]})
-    monkeypatch.setattr(run.config.train, "eval_samples", 3)  # not the group size (4)
+    monkeypatch.setattr(run, "eval_sets", evaluate.parse_eval_files(str(write_jsonl(tmp_path / "dev.jsonl", rows)), 3))
     verdicts = {rows[0]["question"]: [1.0, 0.0, 1.0], rows[1]["question"]: [0.0, 0.0, 0.0]}
     seen = []
 
     def scripted_scorer(examples, completions, truncated):  # completions come n per example, in order
-        seen.append(([ex["question"] for ex in examples], len(completions), np.shape(truncated)))
+        seen.append(([ex["question"] for ex in examples], len(completions), np.asarray(truncated)))
         rewards = np.array([v for ex in examples for v in verdicts[ex["question"]]], np.float32)
         return rewards, ["scripted"] * len(completions)
 
-    assert run.evaluate(scripted_scorer) == {"eval/avg@3": pytest.approx(2 / 6), "eval/pass@1": pytest.approx(2 / 6)}
-    assert seen == [([r["question"] for r in rows], 6, (6,))]
+    metrics = run.evaluate(scripted_scorer)
+    assert [(questions, count) for questions, count, _ in seen] == [([r["question"] for r in rows], 6)]
+    truncated = seen[0][2].mean()
+    assert metrics == pytest.approx({
+        "eval/dev/avg@3": 2 / 6, "eval/dev/pass@1": 2 / 6, "eval/dev/truncated": truncated,
+        "eval/accuracy": 2 / 6, "eval/pass@1": 2 / 6, "eval/truncated": truncated,
+        "eval/dev/response_length": metrics["eval/response_length"], "eval/response_length": metrics["eval/response_length"],
+    })
+    assert 1 <= metrics["eval/response_length"] <= run.config.sampling.max_new_tokens
 
 
 def test_warm_up_trains_on_the_validated_rows_that_fit_its_buckets(quiet, tmp_path, monkeypatch):
