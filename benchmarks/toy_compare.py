@@ -48,10 +48,8 @@ def main_py(config: str, workdir: str, seed: int, flags: list[str], log_path: st
 
 
 def eval_accuracy(row: dict) -> float | None:
-    """The overall held-out avg@n of a metrics row, if it has one."""
-    keys = sorted(k for k in row if k.startswith("eval/") and "avg@" in k)
-    overall = [k for k in keys if k.count("/") == 1] or keys
-    return row[overall[0]] if overall else None
+    """The overall held-out accuracy (mean reward over the eval samples) of a metrics row, if any."""
+    return row.get("eval/accuracy")
 
 
 def curve(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
