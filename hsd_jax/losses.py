@@ -5,14 +5,15 @@ Shapes: ``B`` batch (rollouts), ``T`` response time, ``D`` model dim, ``V`` voca
 Data flow inside the trainer's one jitted update step::
 
     ref_lp, _ = token_logprobs(ref_hidden, head, tokens)                   # no grad needed
-    out = distill_divergence(teacher_hidden, student_hidden, head, tokens)  # one student pass
-    loss, metrics = objective(LossInputs(out.logprobs, mask, old_logprobs=..., ref_logprobs=ref_lp,
-                                         advantages=..., divergence=out.divergence,
-                                         credit=out.credit, entropy=out.entropy), cfg)
+    loss, metrics, out = chunked_objective(student_hidden, head, tokens,    # one student pass
+                                           LossInputs(None, mask, ref_logprobs=ref_lp, advantages=...),
+                                           cfg, teacher_hidden=teacher_hidden)
 
-``token_logprobs`` and ``distill_divergence`` never hold ``[B, T, V]`` logits: they scan over chunks
-of the flattened ``B*T`` positions under ``jax.checkpoint``, so forward and backward hold
-``O(chunk_size * V)``. Chunk ``i`` holds the strided positions ``i, i + n, i + 2n, ...`` (``n``
+``chunked_objective`` is ``distill_divergence`` (or ``token_logprobs``) composed with ``objective``;
+with ``cfg.fused_grad`` its gradient is computed in the forward pass, chunk by chunk.
+``token_logprobs``, ``distill_divergence`` and ``chunked_objective`` never hold ``[B, T, V]``
+logits: they scan over chunks of the flattened ``B*T`` positions (under ``jax.checkpoint``, or
+with the gradient taken inside the chunk), so forward and backward hold ``O(chunk_size * V)``. Chunk ``i`` holds the strided positions ``i, i + n, i + 2n, ...`` (``n``
 chunks), so a batch sharded over devices stays sharded inside every chunk. Logits are computed in
 float32 and divided by the sampling temperature.
 
