@@ -1,14 +1,19 @@
-"""Peak memory and time of value+grad of KL(teacher || student): fused chunked vs naive full logits.
+"""Peak memory and time of value+grad of KL(teacher || student): naive, chunked autodiff, chunked
+with the gradient computed in the forward pass.
 
-The naive baseline materialises both ``[B, T, V]`` logit arrays; the fused one is
-``hsd_jax.losses.distill_divergence`` (chunks of positions under rematerialisation; it also returns
-the student logprobs, entropy and credit). Both take the gradient w.r.t. the student hidden states
-and the LM head, in float32, and are measured in the same process.
+The naive baseline materialises both ``[B, T, V]`` logit arrays. The two chunked ones are
+``hsd_jax.losses.chunked_objective`` (the ``hsd`` preset without reference KL, token-mean: the
+mean KL over positions; it also returns the student logprobs, entropy and credit) with
+``fused_grad=False`` (autodiff through rematerialised chunks: the backward recomputes teacher and
+student logits) and ``fused_grad=True`` (a ``custom_vjp`` whose chunks emit the gradient while
+their logits are live). All take the gradient w.r.t. the student hidden states and the LM head,
+in float32, and are measured in the same process.
 
 Peak memory is XLA's compiled memory analysis (arguments + outputs + temporaries), available
 without running, so it is reported at every size. Time (best of ``--reps`` interleaved calls after
 a warm-up) is measured only where the naive footprint is below ``--max_run_gib``, to spare the
-shared machine.
+shared machine. The load average is printed at start and end: ratios taken under foreign load
+show as such.
 
     python benchmarks/loss_memory.py                                  # V=151936, D=1024
     python benchmarks/loss_memory.py --positions 512 --vocab 8192 --chunks 128   # smoke run
@@ -17,6 +22,7 @@ shared machine.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,12 +54,29 @@ def naive_kl(teacher, student, head, targets):
     return jnp.mean(jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), -1))
 
 
-def fused_kl(chunk_size: int):
+def chunked_kl(chunk_size: int, fused_grad: bool):
+    """Mean KL(teacher || student) through ``losses.chunked_objective``."""
+    cfg = losses.preset("hsd", beta=0.0, agg="token-mean", chunk_size=chunk_size, fused_grad=fused_grad)
+
     def f(teacher, student, head, targets):
-        out = losses.distill_divergence(teacher, student, head, targets, chunk_size=chunk_size)
-        return jnp.mean(out.divergence)
+        inputs = losses.LossInputs(None, jnp.ones(targets.shape, jnp.float32))
+        return losses.chunked_objective(student, head, targets, inputs, cfg, teacher_hidden=teacher)[0]
 
     return f
+
+
+def variants(chunks: list[int]) -> dict:
+    """Name -> loss function of ``(teacher, student, head, targets)``."""
+    fns = {"naive": naive_kl}
+    for c in chunks:
+        fns[f"autodiff chunk={c}"] = chunked_kl(c, fused_grad=False)
+        fns[f"fused-grad chunk={c}"] = chunked_kl(c, fused_grad=True)
+    return fns
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, e.g. ``"2.1 2.5 3.0"``."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def compile_value_and_grad(fn, args):
@@ -65,37 +88,48 @@ def compile_value_and_grad(fn, args):
     return compiled, peak
 
 
+def measure(positions: int, dim: int, vocab: int, chunks: list[int], reps: int,
+            max_run_gib: float = float("inf")) -> dict[str, tuple[float, float | None]]:
+    """Name -> (peak bytes, best seconds or None) of every variant's value+grad at ``positions``.
+
+    Times are taken (``reps`` interleaved calls after a warm-up) only if naive's peak is below
+    ``max_run_gib``.
+    """
+    args = make_inputs(positions, dim, vocab)
+    compiled, peak = {}, {}
+    for name, fn in variants(chunks).items():
+        compiled[name], peak[name] = compile_value_and_grad(fn, args)
+    run = peak["naive"] <= max_run_gib * GIB
+    times = {name: [] for name in compiled}
+    for rep in range(reps + 1 if run else 0):  # rep 0 warms up; interleaved: shared noise
+        for name, f in compiled.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[name] += [time.perf_counter() - t0] if rep else []
+    return {name: (peak[name], min(times[name]) if run else None) for name in compiled}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--positions", type=int, nargs="+", default=[1024, 8192], help="B*T (B = 8)")
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--chunks", type=int, nargs="+", default=[256, 1024], help="fused chunk sizes")
+    p.add_argument("--chunks", type=int, nargs="+", default=[256, 1024], help="chunk sizes")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--max_run_gib", type=float, default=8.0, help="time naive only below this")
     a = p.parse_args()
-    print(f"{jax.devices()[0].device_kind} x{len(jax.devices())}, D={a.dim} V={a.vocab}, float32")
+    print(f"{jax.devices()[0].device_kind} x{len(jax.devices())}, D={a.dim} V={a.vocab}, float32, "
+          f"load average at start {load_average()}")
     for n in a.positions:
-        args = make_inputs(n, a.dim, a.vocab)
-        fns = {"naive": naive_kl, **{f"fused chunk={c}": fused_kl(c) for c in a.chunks}}
-        compiled, peak = {}, {}
-        for name, fn in fns.items():
-            compiled[name], peak[name] = compile_value_and_grad(fn, args)
-        run = peak["naive"] <= a.max_run_gib * GIB
-        times = {name: [] for name in fns}
-        for rep in range(a.reps + 1 if run else 0):  # rep 0 warms up; interleaved: shared noise
-            for name, f in compiled.items():
-                t0 = time.perf_counter()
-                jax.block_until_ready(f(*args))
-                times[name] += [time.perf_counter() - t0] if rep else []
-        print(f"B*T = {n}" + ("" if run else f" (naive > {a.max_run_gib} GiB: compiled, not run)"))
-        for name in fns:
-            share = peak[name] / peak["naive"]
-            line = f"  {name:18s} peak {peak[name] / GIB:6.2f} GiB ({share:6.1%})"
-            if run:
-                t = min(times[name])
-                line += f"   time {t:7.2f} s ({t / min(times['naive']):.2f}x)"
+        results = measure(n, a.dim, a.vocab, a.chunks, a.reps, a.max_run_gib)
+        naive_peak, naive_time = results["naive"]
+        print(f"B*T = {n}" + ("" if naive_time else f" (naive > {a.max_run_gib} GiB: compiled, not run)"))
+        for name, (peak, seconds) in results.items():
+            line = f"  {name:24s} peak {peak / GIB:6.2f} GiB ({peak / naive_peak:6.1%})"
+            if seconds is not None:
+                line += f"   time {seconds:7.2f} s ({seconds / naive_time:.2f}x)"
             print(line, flush=True)
+    print(f"load average at end {load_average()}")
 
 
 if __name__ == "__main__":

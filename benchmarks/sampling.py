@@ -102,9 +102,11 @@ def time_transformers(model, prompts: np.ndarray, args) -> float:
     return elapsed
 
 
-def time_jax(graphdef, params, prompts: list[list[int]], config: sampling.SamplingConfig, repeats: int):
-    """(seconds of the first call incl. compile, best seconds of `repeats` later calls)."""
-    run = lambda seed: sampling.generate(graphdef, params, prompts, jax.random.key(seed), config)
+def time_jax(graphdef, params, prompts: list[list[int]], config: sampling.SamplingConfig, repeats: int,
+             generate=sampling.generate):
+    """(seconds of the first call incl. compile, best seconds of `repeats` later calls) of
+    `generate` (an engine with `sampling.generate`'s signature)."""
+    run = lambda seed: generate(graphdef, params, prompts, jax.random.key(seed), config)
     start = time.perf_counter()
     out = jax.block_until_ready(run(0))
     first = time.perf_counter() - start
@@ -162,6 +164,37 @@ def copy_bandwidth(gib: float = 1.0) -> float:
     return 2 * x.nbytes / best_time(lambda: copy(x), 5)
 
 
+def decode_floor(config: qwen3.Qwen3Config, batch: int, prompt_len: int, new_tokens: int, *, top_p: float = 0.95,
+                 temperature: float = 1.0, repeats: int = 1, generate=sampling.generate,
+                 copy_gib: float = 1.0) -> dict[str, float]:
+    """One decode step of `generate` (default the static engine) vs the HBM floor, for a random
+    model of `config`.
+
+    The step is the difference of two generate calls (new_tokens and new_tokens / 2, so prefill
+    cancels) over the token difference; the floor is the bytes of weights + KV cache read per
+    step (bfloat16 cache) over the measured device copy bandwidth. Returns step_s, floor_s,
+    weight_bytes, cache_bytes, bandwidth (bytes/s) and slots (cache length).
+    """
+    graphdef, params = nnx.split(qwen3.Qwen3(config, rngs=nnx.Rngs(0)))
+    prompts = np.random.default_rng(0).integers(0, config.vocab_size, (batch, prompt_len)).tolist()
+    sampling_config = lambda new: sampling.SamplingConfig(
+        max_new_tokens=new, top_p=top_p, temperature=temperature, prompt_buckets=(prompt_len,), cache_dtype="bfloat16",
+    )
+    long, short = new_tokens, new_tokens // 2
+    _, long_s = time_jax(graphdef, params, prompts, sampling_config(long), repeats, generate)
+    _, short_s = time_jax(graphdef, params, prompts, sampling_config(short), repeats, generate)
+    step_s = (long_s - short_s) / (long - short)
+
+    embed_bytes = config.vocab_size * config.hidden_size * jnp.dtype(config.param_dtype).itemsize
+    # every weight is read once per step, except the embedding (a gather) unless it is also the head
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - (0 if config.tie_word_embeddings else embed_bytes)
+    slots = prompt_len + long - 1
+    cache_bytes = 2 * config.num_hidden_layers * batch * slots * config.num_key_value_heads * config.head_dim * 2
+    bandwidth = copy_bandwidth(copy_gib)
+    return dict(step_s=step_s, floor_s=(weight_bytes + cache_bytes) / bandwidth, weight_bytes=weight_bytes,
+                cache_bytes=cache_bytes, bandwidth=bandwidth, slots=slots)
+
+
 def gpu_floor(args) -> None:
     """Decode step time of an 8B-shaped model (args.layers layers) vs the HBM floor."""
     if jax.default_backend() == "cpu":
@@ -170,30 +203,14 @@ def gpu_floor(args) -> None:
     config = qwen3.Qwen3Config.preset(
         "8b", num_hidden_layers=args.layers, param_dtype="bfloat16", dtype="bfloat16", **shape
     )
-    model = qwen3.Qwen3(config, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    prompts = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.prompt_len)).tolist()
-    sampling_config = lambda new: sampling.SamplingConfig(
-        max_new_tokens=new, top_p=args.top_p, temperature=args.temperature,
-        prompt_buckets=(args.prompt_len,), cache_dtype="bfloat16",
-    )
-    long, short = args.new_tokens, args.new_tokens // 2
-    _, long_s = time_jax(graphdef, params, prompts, sampling_config(long), args.repeats)
-    _, short_s = time_jax(graphdef, params, prompts, sampling_config(short), args.repeats)
-    step_s = (long_s - short_s) / (long - short)
-
-    embed_bytes = config.vocab_size * config.hidden_size * 2
-    # every weight is read once per step, except the embedding (a gather) unless it is also the head
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - (0 if config.tie_word_embeddings else embed_bytes)
-    slots = args.prompt_len + long - 1
-    cache_bytes = 2 * config.num_hidden_layers * args.batch * slots * config.num_key_value_heads * config.head_dim * 2
-    bandwidth = copy_bandwidth()
-    floor_s = (weight_bytes + cache_bytes) / bandwidth
+    r = decode_floor(config, args.batch, args.prompt_len, args.new_tokens, top_p=args.top_p,
+                     temperature=args.temperature, repeats=args.repeats)
     print(f"device: {jax.devices()[0].device_kind}; 8B-shaped, {config.num_hidden_layers} layers, batch {args.batch}, "
-          f"{slots} cache slots, bfloat16")
-    print(f"bytes/step: weights {weight_bytes / 2**30:.2f} GiB + KV cache {cache_bytes / 2**30:.2f} GiB; "
-          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    print(f"decode step {step_s * 1e3:.2f} ms vs HBM floor {floor_s * 1e3:.2f} ms: fraction of floor {floor_s / step_s:.2f}")
+          f"{r['slots']} cache slots, bfloat16")
+    print(f"bytes/step: weights {r['weight_bytes'] / 2**30:.2f} GiB + KV cache {r['cache_bytes'] / 2**30:.2f} GiB; "
+          f"copy bandwidth {r['bandwidth'] / 1e9:.0f} GB/s")
+    print(f"decode step {r['step_s'] * 1e3:.2f} ms vs HBM floor {r['floor_s'] * 1e3:.2f} ms: "
+          f"fraction of floor {r['floor_s'] / r['step_s']:.2f}")
 
 
 def main() -> None:

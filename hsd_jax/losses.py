@@ -5,14 +5,15 @@ Shapes: ``B`` batch (rollouts), ``T`` response time, ``D`` model dim, ``V`` voca
 Data flow inside the trainer's one jitted update step::
 
     ref_lp, _ = token_logprobs(ref_hidden, head, tokens)                   # no grad needed
-    out = distill_divergence(teacher_hidden, student_hidden, head, tokens)  # one student pass
-    loss, metrics = objective(LossInputs(out.logprobs, mask, old_logprobs=..., ref_logprobs=ref_lp,
-                                         advantages=..., divergence=out.divergence,
-                                         credit=out.credit, entropy=out.entropy), cfg)
+    loss, metrics, out = chunked_objective(student_hidden, head, tokens,    # one student pass
+                                           LossInputs(None, mask, ref_logprobs=ref_lp, advantages=...),
+                                           cfg, teacher_hidden=teacher_hidden)
 
-``token_logprobs`` and ``distill_divergence`` never hold ``[B, T, V]`` logits: they scan over chunks
-of the flattened ``B*T`` positions under ``jax.checkpoint``, so forward and backward hold
-``O(chunk_size * V)``. Chunk ``i`` holds the strided positions ``i, i + n, i + 2n, ...`` (``n``
+``chunked_objective`` is ``distill_divergence`` (or ``token_logprobs``) composed with ``objective``;
+with ``cfg.fused_grad`` its gradient is computed in the forward pass, chunk by chunk.
+``token_logprobs``, ``distill_divergence`` and ``chunked_objective`` never hold ``[B, T, V]``
+logits: they scan over chunks of the flattened ``B*T`` positions (under ``jax.checkpoint``, or
+with the gradient taken inside the chunk), so forward and backward hold ``O(chunk_size * V)``. Chunk ``i`` holds the strided positions ``i, i + n, i + 2n, ...`` (``n``
 chunks), so a batch sharded over devices stays sharded inside every chunk. Logits are computed in
 float32 and divided by the sampling temperature.
 
@@ -25,6 +26,7 @@ exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -66,6 +68,30 @@ def _entropy(logp: Array) -> Array:
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
+def _chunk_layout(b: int, t: int, chunk_size: int) -> tuple[Callable, Callable]:
+    """``(to_chunks, from_chunks)`` for ``B*T`` positions in chunks of ``C = min(chunk_size, B*T)``.
+
+    ``to_chunks``: ``[B, T, ...] -> [num_chunks, C, ...]`` (zero-padded); chunk ``i`` holds the
+    strided positions ``i, i + n, i + 2n, ...`` (``n`` chunks). ``from_chunks`` inverts it.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    n = b * t
+    c = min(chunk_size, n)
+    num_chunks = -(-n // c)
+
+    def to_chunks(x):
+        x = x.reshape(n, *x.shape[2:])
+        x = jnp.pad(x, [(0, num_chunks * c - n)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape(c, num_chunks, *x.shape[1:]).swapaxes(0, 1)
+
+    def from_chunks(y):
+        y = y.swapaxes(0, 1).reshape(num_chunks * c, *y.shape[2:])
+        return y[:n].reshape(b, t, *y.shape[1:])
+
+    return to_chunks, from_chunks
+
+
 def _chunked(fn: Callable, head: Array, positional: tuple[Array, ...], chunk_size: int):
     """Map ``fn(head, *chunk) -> pytree of [C]`` over chunks of ``B*T`` positions.
 
@@ -73,21 +99,7 @@ def _chunked(fn: Callable, head: Array, positional: tuple[Array, ...], chunk_siz
     leaves. ``fn`` runs under ``jax.checkpoint``: only the chunk inputs are kept for the backward
     pass, which recomputes the ``[C, V]`` logits chunk by chunk.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    b, t = positional[0].shape[:2]
-    n = b * t
-    c = min(chunk_size, n)
-    num_chunks = -(-n // c)
-
-    def to_chunks(x):  # [B, T, ...] -> [num_chunks, C, ...], chunk i = positions i, i+n_chunks, ...
-        x = x.reshape(n, *x.shape[2:])
-        x = jnp.pad(x, [(0, num_chunks * c - n)] + [(0, 0)] * (x.ndim - 1))
-        return x.reshape(c, num_chunks, *x.shape[1:]).swapaxes(0, 1)
-
-    def from_chunks(y):  # [num_chunks, C] -> [B, T]
-        return y.swapaxes(0, 1).reshape(-1)[:n].reshape(b, t)
-
+    to_chunks, from_chunks = _chunk_layout(*positional[0].shape[:2], chunk_size)
     body = jax.checkpoint(lambda xs: fn(head, *xs))
     out = jax.lax.map(body, tuple(to_chunks(x) for x in positional))
     return jax.tree.map(from_chunks, out)
@@ -115,11 +127,15 @@ def token_logprobs(
       ``(logprobs [B, T] float32, differentiable; entropy [B, T] float32, no gradient)``.
     """
 
-    def chunk(w, h, tgt):
-        logp = jax.nn.log_softmax(_logits(h, w, head_layout, temperature))
-        return _take(logp, tgt), sg(_entropy(logp))
-
+    chunk = lambda w, h, tgt: _logprob_chunk(w, h, tgt, temperature=temperature, head_layout=head_layout)
     return _chunked(chunk, head, (hidden, targets), chunk_size)
+
+
+def _logprob_chunk(head: Array, hidden: Array, targets: Array, *, temperature: float,
+                   head_layout: str) -> tuple[Array, Array]:
+    """``token_logprobs`` of one chunk: ``hidden [C, D]``, ``targets [C]`` -> ``([C], [C])``."""
+    logp = jax.nn.log_softmax(_logits(hidden, head, head_layout, temperature))
+    return _take(logp, targets), sg(_entropy(logp))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,23 +227,34 @@ def distill_divergence(
         raise ValueError(f"top_k_support={top_k_support!r}: use 'student' or 'teacher'")
 
     def chunk(w, th, sh, tgt):
-        t_logits = sg(_logits(th, w if teacher_head is None else teacher_head, head_layout, temperature))
-        s_logits = _logits(sh, w, head_layout, temperature)
-        t_logp, s_logp = jax.nn.log_softmax(t_logits), jax.nn.log_softmax(s_logits)
-        t_tok, s_tok = _take(t_logp, tgt), _take(s_logp, tgt)
-        if divergence == "sampled":
-            delta = sg(s_tok - t_tok)
-            div = delta + delta * (s_tok - sg(s_tok))
-        elif top_k is None:
-            div = _full_divergence(t_logp, s_logp, divergence, alpha)
-        else:
-            support = t_logits if top_k_support == "teacher" else sg(s_logits)
-            _, idx = jax.lax.top_k(support, top_k)
-            topk = lambda lp: _with_tail(jnp.take_along_axis(lp, idx, axis=-1))
-            div = _full_divergence(topk(t_logp), topk(s_logp), divergence, alpha)
-        return DistillOutput(div, sg(t_tok - s_tok), s_tok, sg(_entropy(s_logp)))
+        return _distill_chunk(w, w if teacher_head is None else teacher_head, th, sh, tgt,
+                              divergence=divergence, alpha=alpha, top_k=top_k,
+                              top_k_support=top_k_support, temperature=temperature,
+                              head_layout=head_layout)
 
     return _chunked(chunk, head, (sg(teacher_hidden), student_hidden, targets), chunk_size)
+
+
+def _distill_chunk(head: Array, teacher_head: Array, teacher_hidden: Array, student_hidden: Array,
+                   targets: Array, *, divergence: str, alpha: float, top_k: int | None,
+                   top_k_support: str, temperature: float, head_layout: str) -> DistillOutput:
+    """``distill_divergence`` of one chunk of ``C`` positions (hidden ``[C, D]``, targets ``[C]``);
+    the teacher's logits (from ``teacher_head``) are under ``stop_gradient``."""
+    t_logits = sg(_logits(teacher_hidden, teacher_head, head_layout, temperature))
+    s_logits = _logits(student_hidden, head, head_layout, temperature)
+    t_logp, s_logp = jax.nn.log_softmax(t_logits), jax.nn.log_softmax(s_logits)
+    t_tok, s_tok = _take(t_logp, targets), _take(s_logp, targets)
+    if divergence == "sampled":
+        delta = sg(s_tok - t_tok)
+        div = delta + delta * (s_tok - sg(s_tok))
+    elif top_k is None:
+        div = _full_divergence(t_logp, s_logp, divergence, alpha)
+    else:
+        support = t_logits if top_k_support == "teacher" else sg(s_logits)
+        _, idx = jax.lax.top_k(support, top_k)
+        topk = lambda lp: _with_tail(jnp.take_along_axis(lp, idx, axis=-1))
+        div = _full_divergence(topk(t_logp), topk(s_logp), divergence, alpha)
+    return DistillOutput(div, sg(t_tok - s_tok), s_tok, sg(_entropy(s_logp)))
 
 
 def _check_divergence(divergence: str, alpha: float, top_k: int | None) -> None:
@@ -385,6 +412,22 @@ def ref_kl(logprobs: Array, ref_logprobs: Array, kind: str = "k3") -> Array:
     raise ValueError(f"ref_kl kind={kind!r}: use one of {REF_KLS}")
 
 
+def aggregation_weights(mask: Array, mode: str, *, norm_length: int | None = None) -> Array:
+    """Per-token weights ``[B, T]`` of ``aggregate``'s numerator: ``numerator = sum(w * values)``.
+
+    ``mask`` for ``token-mean`` and ``seq-mean-token-sum``; ``mask / row tokens`` for
+    ``seq-mean-token-mean``; ``mask / norm_length`` (default ``T``) for ``seq-mean-token-sum-norm``.
+    """
+    mask = mask.astype(jnp.float32)
+    if mode in ("token-mean", "seq-mean-token-sum"):
+        return mask
+    if mode == "seq-mean-token-mean":
+        return mask / jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        return mask / (norm_length or mask.shape[-1])
+    raise ValueError(f"aggregation mode={mode!r}: use one of {AGGREGATIONS}")
+
+
 def aggregate(
     values: Array, mask: Array, mode: str, *, norm_length: int | None = None
 ) -> tuple[Array, Array]:
@@ -399,19 +442,10 @@ def aggregate(
       ``seq-mean-token-sum-norm``: mean over non-empty rows of ``sum_t(m v) / norm_length``
       (Dr. GRPO; ``norm_length`` a constant such as the max response length, default ``T``).
     """
-    mask = mask.astype(jnp.float32)
-    row_tokens = mask.sum(-1)
+    weights = aggregation_weights(mask, mode, norm_length=norm_length)
+    row_tokens = mask.astype(jnp.float32).sum(-1)
     rows = jnp.sum(row_tokens > 0).astype(jnp.float32)
-    row_sums = jnp.sum(values * mask, -1)
-    if mode == "token-mean":
-        return row_sums.sum(), row_tokens.sum()
-    if mode == "seq-mean-token-mean":
-        return jnp.sum(row_sums / jnp.maximum(row_tokens, 1.0)), rows
-    if mode == "seq-mean-token-sum":
-        return row_sums.sum(), rows
-    if mode == "seq-mean-token-sum-norm":
-        return row_sums.sum() / (norm_length or values.shape[-1]), rows
-    raise ValueError(f"aggregation mode={mode!r}: use one of {AGGREGATIONS}")
+    return jnp.sum(weights * values), row_tokens.sum() if mode == "token-mean" else rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,7 +467,9 @@ class LossConfig:
     ``ratio_level`` ("sequence" = GSPO), ``rlsd_lambda`` (> 0 = RLSD token weights)); distillation
     (``divergence``, ``alpha``, ``top_k``, ``temperature``, ``chunk_size``; see
     ``distill_divergence``); ``teacher_ema``: 0 = the teacher is the current policy, r > 0 = an
-    EMA of the policy's weights moved by r after each update (SDPO: 0.05).
+    EMA of the policy's weights moved by r after each update (SDPO: 0.05); ``fused_grad``: the
+    LM-head gradient is computed in the forward pass over chunks (``chunked_objective``; not with
+    GSPO's sequence ratio), else by autodiff through rematerialised chunks.
     """
 
     w_pg: float = 0.0
@@ -458,6 +494,7 @@ class LossConfig:
     temperature: float = 1.0
     chunk_size: int = 256
     teacher_ema: float = 0.0
+    fused_grad: bool = True
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -487,6 +524,9 @@ class LossConfig:
         need(self.temperature > 0, f"temperature={self.temperature} must be > 0")
         need(self.chunk_size >= 1, f"chunk_size={self.chunk_size} must be >= 1")
         need(0 <= self.teacher_ema < 1, f"teacher_ema={self.teacher_ema} must lie in [0, 1) (0 = no EMA teacher)")
+        need(not (self.fused_grad and self.w_pg > 0 and self.ratio_level == "sequence"),
+             "fused_grad=True computes each token's gradient in the forward pass, but "
+             "ratio_level='sequence' (GSPO) needs all of a row's log-probs first; set fused_grad=False")
         try:
             _check_divergence(self.divergence, self.alpha, self.top_k)
         except ValueError as e:
@@ -519,7 +559,7 @@ _PRESETS: dict[str, dict] = {
     # DAPO's overlong buffer for a 4096 response limit is our choice (DAPO: 4096 of 20480).
     "dapo": dict(w_pg=1.0, w_sd=0.0, eps_high=0.28, agg="token-mean",
                  drop_degenerate_groups=True, overlong_buffer=1024),
-    "gspo": dict(w_pg=1.0, w_sd=0.0, ratio_level="sequence", eps_low=3e-4, eps_high=4e-4),
+    "gspo": dict(w_pg=1.0, w_sd=0.0, ratio_level="sequence", eps_low=3e-4, eps_high=4e-4, fused_grad=False),
     "rlsd": dict(w_pg=1.0, w_sd=0.0, rlsd_lambda=0.5),
     "grpo_opsd": dict(w_pg=0.5, w_sd=0.5, divergence="jsd", alpha=0.0),
     # The fused objective: HSD's full-vocabulary distillation (peer + answer context) plus GRPO's
@@ -601,6 +641,50 @@ def loss_denominators(mask: Array, distill_mask: Array | None, cfg: LossConfig) 
             "ref": aggregate(zeros, mask, cfg.ref_agg, norm_length=norm)[1]}
 
 
+# The weighted terms of the objective: metric name -> LossConfig field of its weight.
+_TERMS = {"pg_loss": "w_pg", "distill_loss": "w_sd", "ref_kl": "beta"}
+
+
+def token_weights(mask: Array, distill_mask: Array | None, cfg: LossConfig,
+                  denominators: dict[str, Array]) -> dict[str, Array]:
+    """Per-token weights ``[B, T]`` of each term of ``_TERMS``: ``term = sum(weight * values)``.
+
+    The aggregation weights (``aggregation_weights``) of ``cfg.agg`` (``cfg.ref_agg`` for the
+    reference KL) over ``mask`` (``mask * distill_mask`` for distillation), divided by the term's
+    denominator (``loss_denominators``). Known before any logit is computed.
+    """
+    def weights(m, den, agg=cfg.agg):
+        return aggregation_weights(m, agg, norm_length=cfg.max_response_length) / jnp.maximum(den, 1.0)
+
+    dens = denominators
+    return {"pg_loss": weights(mask, dens["main"]),
+            "distill_loss": weights(_distill_token_mask(mask, distill_mask), dens["distill"]),
+            "ref_kl": weights(mask, dens["ref"], cfg.ref_agg)}
+
+
+def _token_values(inputs: LossInputs, cfg: LossConfig) -> tuple[dict[str, Array], dict[str, Array]]:
+    """Per-token values ``[B, T]`` of the active terms (keys of ``_TERMS``) and the PPO info.
+
+    With ``cfg.ratio_level="token"`` every value depends only on its own position's inputs.
+    """
+    values, info = {}, {}
+    if cfg.w_pg > 0:
+        adv = _require(inputs, "advantages", "w_pg > 0")
+        old = _require(inputs, "old_logprobs", "w_pg > 0")
+        if cfg.rlsd_lambda > 0:
+            credit = _require(inputs, "credit", "rlsd_lambda > 0")
+            adv = rlsd_token_advantages(adv, credit, lam=cfg.rlsd_lambda)
+        values["pg_loss"], info = policy_loss(
+            inputs.logprobs, old, adv, inputs.mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+            dual_clip=cfg.dual_clip, ratio_level=cfg.ratio_level)
+    if cfg.w_sd > 0:
+        values["distill_loss"] = _require(inputs, "divergence", "w_sd > 0")
+    if cfg.beta > 0:
+        ref = _require(inputs, "ref_logprobs", "beta > 0")
+        values["ref_kl"] = ref_kl(inputs.logprobs, ref, cfg.ref_kl)
+    return values, info
+
+
 def objective(
     inputs: LossInputs, cfg: LossConfig, *, denominators: dict[str, Array] | None = None
 ) -> tuple[Array, dict[str, Array]]:
@@ -623,42 +707,180 @@ def objective(
     def token_mean(values, m=mask):
         return jnp.sum(values * m) / jnp.maximum(m.sum(), 1.0)
 
-    def term(values, m, den, agg=cfg.agg):
-        num = aggregate(values, m, agg, norm_length=cfg.max_response_length)[0]
-        return num / jnp.maximum(den, 1.0)
+    weights = token_weights(inputs.mask, inputs.distill_mask, cfg, dens)
+    values, info = _token_values(inputs, cfg)
     zero = jnp.zeros((), jnp.float32)
-    metrics: dict[str, Array] = {"pg_loss": zero, "distill_loss": zero, "ref_kl": zero}
-
-    if cfg.w_pg > 0:
-        adv = _require(inputs, "advantages", "w_pg > 0")
-        old = _require(inputs, "old_logprobs", "w_pg > 0")
-        if cfg.rlsd_lambda > 0:
-            credit = _require(inputs, "credit", "rlsd_lambda > 0")
-            adv = rlsd_token_advantages(adv, credit, lam=cfg.rlsd_lambda)
-        pg, info = policy_loss(inputs.logprobs, old, adv, mask, eps_low=cfg.eps_low,
-                               eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
-                               ratio_level=cfg.ratio_level)
-        metrics["pg_loss"] = term(pg, mask, dens["main"])
+    metrics = {name: jnp.sum(weights[name] * values[name]) if name in values else zero for name in _TERMS}
+    if info:
         metrics.update(clip_frac=token_mean(info["clipped"]), ratio=token_mean(info["ratio"]),
                        dual_clip_frac=token_mean(info["dual_clipped"]))
-    if cfg.w_sd > 0:
-        div = _require(inputs, "divergence", "w_sd > 0")
+    if "distill_loss" in values:
         sd_mask = _distill_token_mask(inputs.mask, inputs.distill_mask)
-        metrics["distill_loss"] = term(div, sd_mask, dens["distill"])
-        metrics["divergence"] = sg(token_mean(div, sd_mask))
-    if cfg.beta > 0:
-        ref = _require(inputs, "ref_logprobs", "beta > 0")
-        kl = ref_kl(inputs.logprobs, ref, cfg.ref_kl)
-        metrics["ref_kl"] = term(kl, mask, dens["ref"], cfg.ref_agg)
-        metrics["kl"] = sg(token_mean(kl))
+        metrics["divergence"] = token_mean(values["distill_loss"], sd_mask)
+    if "ref_kl" in values:
+        metrics["kl"] = token_mean(values["ref_kl"])
     if inputs.entropy is not None:
         metrics["entropy"] = token_mean(inputs.entropy)
     if inputs.credit is not None:
         metrics["credit"] = token_mean(inputs.credit)
         metrics["abs_credit"] = token_mean(jnp.abs(inputs.credit))
 
-    loss = (cfg.w_pg * metrics["pg_loss"] + cfg.w_sd * metrics["distill_loss"]
-            + cfg.beta * metrics["ref_kl"])
+    loss = sum(getattr(cfg, weight) * metrics[name] for name, weight in _TERMS.items())
     metrics = {k: sg(v) for k, v in metrics.items()}
     metrics["loss"] = sg(loss)
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective over the LM head's outputs: autodiff or gradient-in-the-forward
+# ----------------------------------------------------------------------------------------------
+
+
+def chunked_objective(
+    student_hidden: Array,
+    head: Array,
+    targets: Array,
+    inputs: LossInputs,
+    cfg: LossConfig,
+    *,
+    teacher_hidden: Array | None = None,
+    teacher_head: Array | None = None,
+    denominators: dict[str, Array] | None = None,
+    head_layout: str = "dv",
+) -> tuple[Array, dict[str, Array], DistillOutput]:
+    """``objective`` of the student (and teacher) outputs at every response position, in chunks.
+
+    One pass over chunks of ``cfg.chunk_size`` positions computes the student log-probs, entropy
+    and, when ``cfg.needs_teacher``, the divergence and credit (``distill_divergence``; the
+    teacher reads ``teacher_head``, default ``head``, under ``stop_gradient``). The gradient
+    (w.r.t. ``student_hidden`` and ``head``) is:
+      ``cfg.fused_grad=False``: autodiff through the chunks, whose backward recomputes each
+      chunk's teacher and student logits (6 LM-head matmuls a position with a teacher, 4 without);
+      ``cfg.fused_grad=True``: computed in the forward pass while each chunk's logits are live,
+      from the per-position weights of every term known beforehand (``token_weights``, masks,
+      advantages, old and reference log-probs), as a ``jax.custom_vjp`` (4 matmuls with a
+      teacher, 3 without: naive full-logit autodiff's count). Needs ``cfg.ratio_level="token"``
+      or ``w_pg=0``: GSPO's sequence ratio needs a row's every log-prob before any gradient.
+    Both give the same loss, metrics and gradients up to float rounding.
+
+    Args:
+      student_hidden: ``[B, T, D]`` student final hidden states; ``[b, t]`` predicts
+        ``targets [B, T]``.
+      head: LM head ``[D, V]`` or ``[V, D]`` (``head_layout``).
+      inputs: ``LossInputs`` without the outputs of this pass (``logprobs``, ``divergence``,
+        ``credit``, ``entropy``: leave them None). ``old_logprobs=None`` with ``w_pg > 0``
+        means the current policy's own (ratio 1: one optimizer step per batch).
+      teacher_hidden: ``[B, T, D]``, needed when ``cfg.needs_teacher``.
+      denominators: ``loss_denominators`` of the whole batch (default: this batch's).
+    Returns:
+      ``(loss, metrics, outputs)``: ``objective``'s loss and metrics; ``outputs`` the
+      ``DistillOutput`` of the pass under ``stop_gradient`` (``divergence`` and ``credit`` None
+      without a teacher).
+    """
+    if cfg.needs_teacher and teacher_hidden is None:
+        raise ValueError("chunked_objective: the loss reads a teacher (w_sd > 0 or rlsd_lambda > 0) "
+                         "but teacher_hidden is None; pass teacher_hidden")
+    if denominators is None:
+        denominators = loss_denominators(inputs.mask, inputs.distill_mask, cfg)
+    if cfg.fused_grad:
+        positions = _fused_positions(inputs, targets, teacher_hidden, cfg, denominators)
+        fused_loss, outputs = _fused_loss(cfg, head_layout, student_hidden, head, teacher_head, positions)
+        outputs = sg(outputs)
+    else:
+        outputs = _autodiff_outputs(student_hidden, head, targets, teacher_hidden, teacher_head, cfg,
+                                    head_layout)
+    old = inputs.old_logprobs if inputs.old_logprobs is not None else sg(outputs.logprobs)
+    inputs = inputs._replace(logprobs=outputs.logprobs, old_logprobs=old, divergence=outputs.divergence,
+                             credit=outputs.credit, entropy=outputs.entropy)
+    loss, metrics = objective(inputs, cfg, denominators=denominators)
+    if cfg.fused_grad:
+        loss = fused_loss
+        metrics["loss"] = sg(loss)
+    return loss, metrics, sg(outputs)
+
+
+def _autodiff_outputs(student_hidden, head, targets, teacher_hidden, teacher_head, cfg: LossConfig,
+                      head_layout: str) -> DistillOutput:
+    """The pass's per-position outputs, differentiable by autodiff (rematerialised chunks)."""
+    chunked = dict(temperature=cfg.temperature, chunk_size=cfg.chunk_size, head_layout=head_layout)
+    if cfg.needs_teacher:
+        return distill_divergence(teacher_hidden, student_hidden, head, targets, divergence=cfg.divergence,
+                                  alpha=cfg.alpha, top_k=cfg.top_k, teacher_head=teacher_head, **chunked)
+    logprobs, entropy = token_logprobs(student_hidden, head, targets, **chunked)
+    return DistillOutput(None, None, logprobs, entropy)
+
+
+def _fused_positions(inputs: LossInputs, targets: Array, teacher_hidden: Array | None, cfg: LossConfig,
+                     denominators: dict[str, Array]) -> dict[str, Array]:
+    """The ``[B, T, ...]`` per-position inputs of the fused pass (None where unused)."""
+    adv = inputs.advantages
+    if adv is not None and adv.ndim == 1:
+        adv = jnp.broadcast_to(adv[:, None], inputs.mask.shape)
+    teacher = sg(teacher_hidden) if cfg.needs_teacher else None
+    return {"targets": targets, "teacher_hidden": teacher,
+            "mask": inputs.mask, "old_logprobs": inputs.old_logprobs, "ref_logprobs": inputs.ref_logprobs,
+            "advantages": adv, "weights": token_weights(inputs.mask, inputs.distill_mask, cfg, denominators)}
+
+
+def _fused_value_and_grad(cfg: LossConfig, head_layout: str, student_hidden: Array, head: Array,
+                          teacher_head: Array | None, positions: dict[str, Array]):
+    """``((loss, outputs), (d loss / d student_hidden, d loss / d head))`` in one chunked pass.
+
+    Every chunk computes its outputs with ``jax.vjp``, the per-position loss of those outputs
+    (``_token_values`` times ``token_weights``: a function of the chunk's own positions only) and
+    its cotangents, and pulls them back through the chunk while its logits are live. The head's
+    gradient accumulates over chunks in float32 (cast to the head's dtype at the end).
+    """
+    to_chunks, from_chunks = _chunk_layout(*student_hidden.shape[:2], cfg.chunk_size)
+
+    def outputs_of(w, h, pos):
+        if pos["teacher_hidden"] is None:
+            return DistillOutput(None, None, *_logprob_chunk(w, h, pos["targets"], temperature=cfg.temperature,
+                                                             head_layout=head_layout))
+        return _distill_chunk(w, w if teacher_head is None else teacher_head, pos["teacher_hidden"], h,
+                              pos["targets"], divergence=cfg.divergence, alpha=cfg.alpha, top_k=cfg.top_k,
+                              top_k_support="student", temperature=cfg.temperature, head_layout=head_layout)
+
+    def position_loss(out: DistillOutput, pos):
+        row = lambda x: None if x is None else x[None]  # [C] -> [1, C]: one row of C tokens
+        old = pos["old_logprobs"] if pos["old_logprobs"] is not None else sg(out.logprobs)
+        inputs = LossInputs(logprobs=row(out.logprobs), mask=row(pos["mask"]), old_logprobs=row(old),
+                            ref_logprobs=row(pos["ref_logprobs"]), advantages=row(pos["advantages"]),
+                            divergence=row(out.divergence), credit=row(out.credit))
+        values, _ = _token_values(inputs, cfg)
+        return sum(getattr(cfg, _TERMS[name]) * jnp.sum(pos["weights"][name] * v[0]) for name, v in values.items())
+
+    def chunk(d_head, xs):
+        h, pos = xs
+        out, pull = jax.vjp(lambda w, h: outputs_of(w, h, pos), head, h)
+        loss, cotangents = jax.value_and_grad(position_loss)(out, pos)
+        g_head, g_hidden = pull(cotangents)
+        return d_head + g_head.astype(jnp.float32), (loss, out, g_hidden)
+
+    d_head = jnp.zeros(head.shape, jnp.float32)
+    d_head, (loss, out, d_hidden) = jax.lax.scan(chunk, d_head, (to_chunks(student_hidden),
+                                                                 jax.tree.map(to_chunks, positions)))
+    return (loss.sum(), jax.tree.map(from_chunks, out)), (from_chunks(d_hidden), d_head)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_loss(cfg, head_layout, student_hidden, head, teacher_head, positions):
+    """``(loss, outputs)`` of ``_fused_value_and_grad``, differentiable (only the loss) w.r.t.
+    ``student_hidden`` and ``head``; the outputs' cotangents are ignored (use them under
+    ``stop_gradient``), as are those of ``teacher_head`` and ``positions``."""
+    return _fused_value_and_grad(cfg, head_layout, student_hidden, head, teacher_head, positions)[0]
+
+
+def _fused_loss_fwd(cfg, head_layout, student_hidden, head, teacher_head, positions):
+    value, (d_hidden, d_head) = _fused_value_and_grad(cfg, head_layout, student_hidden, head, teacher_head,
+                                                      positions)
+    return value, (d_hidden, d_head.astype(head.dtype))
+
+
+def _fused_loss_bwd(cfg, head_layout, residuals, cotangents):
+    del cfg, head_layout
+    g = cotangents[0]  # the loss's; the outputs' are ignored
+    return *(jax.tree.map(lambda d: (g * d).astype(d.dtype), residuals)), None, None
+
+
+_fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)

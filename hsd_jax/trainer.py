@@ -176,35 +176,22 @@ def micro_batch_loss(params, teacher_params, ref_params, batch: batch_lib.TrainB
     student = batch_lib.response_hidden(graphdef, params, batch.student)
     head = batch_lib.lm_head(graphdef, params)
     chunked = dict(temperature=cfg.temperature, chunk_size=cfg.chunk_size)
+    teacher = teacher_head = None
     if cfg.needs_teacher:
         teacher_params = jax.lax.stop_gradient(teacher_params)
         teacher = batch_lib.response_hidden(graphdef, teacher_params, batch.teacher)
-        out = losses.distill_divergence(
-            teacher, student, head, targets, divergence=cfg.divergence, alpha=cfg.alpha, top_k=cfg.top_k,
-            teacher_head=batch_lib.lm_head(graphdef, teacher_params), **chunked
-        )
-        logprobs, entropy, divergence, credit = out.logprobs, out.entropy, out.divergence, out.credit
-    else:
-        logprobs, entropy = losses.token_logprobs(student, head, targets, **chunked)
-        divergence = credit = None
+        teacher_head = batch_lib.lm_head(graphdef, teacher_params)
     ref_logprobs = None
     if cfg.beta > 0:
         ref = batch_lib.response_hidden(graphdef, ref_params, batch.student)
         ref_logprobs, _ = losses.token_logprobs(ref, batch_lib.lm_head(graphdef, ref_params), targets, **chunked)
         ref_logprobs = jax.lax.stop_gradient(ref_logprobs)
-    inputs = losses.LossInputs(
-        logprobs=logprobs,
-        mask=mask,
-        old_logprobs=jax.lax.stop_gradient(logprobs) if old_logprobs is None else old_logprobs,
-        ref_logprobs=ref_logprobs,
-        advantages=batch.advantages,
-        divergence=divergence,
-        distill_mask=batch.distill_mask,
-        credit=credit,
-        entropy=entropy,
-    )
-    loss, metrics = losses.objective(inputs, cfg, denominators=denominators)
-    gap = jnp.abs(batch.sampler_logprobs - jax.lax.stop_gradient(logprobs)) * mask
+    inputs = losses.LossInputs(logprobs=None, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                               advantages=batch.advantages, distill_mask=batch.distill_mask)
+    loss, metrics, out = losses.chunked_objective(student, head, targets, inputs, cfg, teacher_hidden=teacher,
+                                                  teacher_head=teacher_head, denominators=denominators)
+    logprobs, credit = out.logprobs, out.credit
+    gap = jnp.abs(batch.sampler_logprobs - logprobs) * mask
     metrics["sampler_logprob_gap"] = gap.sum() / jnp.maximum(mask.sum(), 1.0)
     return loss, (metrics, jnp.zeros_like(logprobs) if credit is None else credit)
 

@@ -3,6 +3,7 @@
 Gradients are checked against central finite differences of the NumPy references (float64).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -488,6 +489,9 @@ def _bare_inputs():
     (lambda: L.preset("dapo", max_response_length=512), "overlong_buffer"),
     (lambda: L.objective(_bare_inputs(), L.preset("grpo")), "advantages"),
     (lambda: L.objective(_bare_inputs(), L.preset("hsd")), "divergence"),
+    (lambda: L.LossConfig(w_pg=1.0, ratio_level="sequence"), "fused_grad"),
+    (lambda: L.chunked_objective(jnp.zeros((B, T, D)), jnp.zeros((D, V)), jnp.zeros((B, T), int), _bare_inputs(),
+                                 L.preset("hsd")), "teacher_hidden"),
     (lambda: L.group_advantages(jnp.zeros(7), group_size=2), "group_size"),
 ])
 def test_errors_name_the_field(make, field):
@@ -529,3 +533,131 @@ def test_distill_with_the_teachers_own_head():
     assert float(jnp.max(jnp.abs(shared.divergence - got.divergence))) > 1e-3
     g_teacher = jax.grad(lambda tw: f(f32(head), tw).divergence.sum())(f32(teacher_head))
     assert float(jnp.max(jnp.abs(g_teacher))) == 0.0
+
+
+# ------------------------------------------------------------------ the objective over the LM head
+
+
+# (preset, overrides, chunk size, head layout, old log-probs given, teacher's own head). Chunk
+# sizes 4 and 7 leave a padded last chunk of the 20 positions; row 2 is empty, row 1 has no
+# teacher signal (distill_mask), so masking and padding are exercised in every case.
+CHUNKED_CASES = [
+    ("hsd", {}, 4, "dv", False, False),
+    ("opsd", {}, 7, "vd", True, False),
+    ("sdpo", dict(top_k=4), 4, "dv", True, True),
+    ("grpo", {}, 7, "dv", False, False),
+    ("dr_grpo", {}, 20, "vd", True, False),
+    ("dapo", dict(ref_kl_level="sequence"), 64, "dv", True, False),
+    ("gspo", {}, 4, "dv", True, False),  # fused_grad=False: the sequence ratio stays on autodiff
+    ("rlsd", {}, 7, "vd", True, False),
+    ("grpo_opsd", dict(dual_clip=3.0), 4, "dv", True, False),
+    ("hsd_grpo", dict(ref_kl="k2"), 7, "dv", False, True),
+    ("hsd", dict(divergence="sampled", agg="token-mean"), 4, "vd", False, False),
+    ("hsd", dict(divergence="reverse_kl"), 7, "dv", True, False),
+    ("opsd", dict(alpha=0.3, top_k=3), 4, "vd", False, False),
+]
+
+
+def chunked_batch(seed):
+    """4 rows x T of hidden states and per-row inputs: ragged mask with an empty row, one row
+    without a teacher signal, old log-probs near the current ones."""
+    r = np.random.default_rng(seed)
+    th, sh = r.normal(size=(2, 4, T, D))
+    head = r.normal(size=(D, V)) * 1.5 / np.sqrt(D)
+    b = {"th": th, "sh": sh, "head": head, "teacher_head": head + r.normal(size=head.shape) * 0.3,
+         "tg": r.integers(0, V, (4, T)), "mask": (np.arange(T)[None] < np.array([T, 2, 0, 4])[:, None]) * 1.0,
+         "adv": r.normal(size=4), "distill_mask": np.array([1.0, 0.0, 1.0, 1.0])}
+    logp = np_distill(th, sh, b["teacher_head"], head, b["tg"])["logprobs"]
+    b["old"], b["ref"] = logp + r.normal(size=(2, 4, T)) * 0.2
+    return b
+
+
+def np_chunked_objective(cfg, b, sh, head, frozen, teacher_head):
+    """The objective in float64 from full logits; ``frozen`` holds the stop-gradient quantities
+    at the unperturbed point (credit, the sampled estimator's delta and log pS, on-policy old
+    log-probs)."""
+    d = np_distill(b["th"], sh, teacher_head, head, b["tg"], divergence=cfg.divergence, alpha=cfg.alpha,
+                   top_k=cfg.top_k)
+    div = d["divergence"]
+    if cfg.divergence == "sampled":  # value delta, gradient sg(delta) * grad log pS
+        div = frozen["delta"] * (1.0 + d["logprobs"] - frozen["logprobs"])
+    batch = {**b, "credit": frozen["credit"], "old": frozen["old"]}
+    return np_objective(cfg, d["logprobs"], div, batch)
+
+
+@functools.lru_cache(maxsize=None)
+def jit_chunked(cfg, layout, old_given, own_teacher_head):
+    def loss(sh, head, b):
+        inputs = L.LossInputs(None, b["mask"], old_logprobs=b["old"] if old_given else None, ref_logprobs=b["ref"],
+                              advantages=b["adv"], distill_mask=b["distill_mask"])
+        teacher_head = b["teacher_head"] if own_teacher_head else None
+        if layout == "vd" and teacher_head is not None:
+            teacher_head = teacher_head.T
+        loss, metrics, out = L.chunked_objective(sh, head, b["tg"], inputs, cfg, teacher_hidden=b["th"],
+                                                 teacher_head=teacher_head, head_layout=layout)
+        return loss, (metrics, out)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+@pytest.mark.parametrize("name,overrides,chunk_size,layout,old_given,own_teacher_head", CHUNKED_CASES,
+                         ids=[f"{c[0]}-{'-'.join(map(str, c[1].values()))}-{c[2]}-{c[3]}" for c in CHUNKED_CASES])
+def test_chunked_objective_fused_equals_autodiff_and_numpy(name, overrides, chunk_size, layout, old_given,
+                                                          own_teacher_head):
+    """Both gradient paths against each other (float32, tight) and against float64 NumPy with
+    finite-difference gradients w.r.t. the student hidden states and the head."""
+    base = L.preset(name, max_response_length=8, overlong_buffer=0, beta=0.1, temperature=TEMP,
+                    chunk_size=chunk_size, **overrides)
+    b = chunked_batch(21)
+    args = jax.tree.map(lambda x: jnp.asarray(x, jnp.int32 if x.dtype.kind == "i" else f32), b)
+    head_arg = args["head"] if layout == "dv" else args["head"].T
+    paths = [False, True] if base.fused_grad else [False]
+    got = {fused: jit_chunked(dataclasses.replace(base, fused_grad=fused), layout, old_given, own_teacher_head)(
+        args["sh"], head_arg, args) for fused in paths}
+    (loss, (metrics, out)), (g_sh, g_head) = got[paths[-1]]
+    if base.fused_grad:  # exact against today's autodiff path
+        (loss0, (metrics0, out0)), grads0 = got[False]
+        np.testing.assert_allclose(loss, loss0, rtol=1e-6, atol=1e-8)
+        assert metrics.keys() == metrics0.keys()
+        for k in metrics:
+            np.testing.assert_allclose(metrics[k], metrics0[k], rtol=1e-6, atol=1e-8, err_msg=k)
+        for k, v in out._asdict().items():
+            assert (v is None) == (getattr(out0, k) is None), k
+            if v is not None:
+                np.testing.assert_allclose(v, getattr(out0, k), rtol=1e-6, atol=1e-7, err_msg=k)
+        for g, g0 in zip((g_sh, g_head), grads0):
+            np.testing.assert_allclose(g, g0, rtol=1e-5, atol=1e-7)
+
+    teacher_head = b["teacher_head"] if own_teacher_head else b["head"]
+    d0 = np_distill(b["th"], b["sh"], teacher_head, b["head"], b["tg"], divergence=base.divergence,
+                    alpha=base.alpha, top_k=base.top_k)
+    frozen = {"credit": d0["credit"], "delta": d0["divergence"], "logprobs": d0["logprobs"],
+              "old": b["old"] if old_given else d0["logprobs"]}
+    want = lambda sh, head: np_chunked_objective(base, b, sh, head, frozen, teacher_head)
+    np.testing.assert_allclose(loss, want(b["sh"], b["head"]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out.logprobs, d0["logprobs"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g_sh, fd_grad(lambda x: want(x, b["head"]), b["sh"]), rtol=2e-3, atol=2e-5)
+    fd_head = fd_grad(lambda x: want(b["sh"], x), b["head"])
+    np.testing.assert_allclose(g_head, fd_head if layout == "dv" else fd_head.T, rtol=2e-3, atol=2e-5)
+
+
+def test_fused_micro_batches_sum_to_the_full_batch():
+    """With whole-batch denominators, the fused gradients of two row halves add up to the full batch's."""
+    cfg = L.preset("hsd_grpo", max_response_length=8, beta=0.1, chunk_size=3)
+    b = jax.tree.map(lambda x: jnp.asarray(x, jnp.int32 if x.dtype.kind == "i" else f32), chunked_batch(22))
+    dens = L.loss_denominators(b["mask"], b["distill_mask"], cfg)
+
+    @jax.jit
+    def grads(rows):
+        part = jax.tree.map(lambda x: x if x.ndim == 2 and x.shape == (D, V) else x[rows], b)
+        inputs = L.LossInputs(None, part["mask"], old_logprobs=part["old"], ref_logprobs=part["ref"],
+                              advantages=part["adv"], distill_mask=part["distill_mask"])
+        f = lambda sh, head: L.chunked_objective(sh, head, part["tg"], inputs, cfg, teacher_hidden=part["th"],
+                                                 denominators=dens)[0]
+        return jax.value_and_grad(f, argnums=(0, 1))(part["sh"], part["head"])
+
+    (v1, (s1, h1)), (v2, (s2, h2)) = grads(jnp.arange(2)), grads(jnp.arange(2, 4))
+    v, (s, h) = grads(jnp.arange(4))
+    np.testing.assert_allclose(v1 + v2, v, rtol=1e-6)
+    np.testing.assert_allclose(np.concatenate([s1, s2]), s, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(h1 + h2, h, rtol=1e-5, atol=1e-7)
