@@ -29,10 +29,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.data.questions_per_step = 4
     c.data.max_prompt_len = 96
     c.data.enable_thinking = False
-    c.sampling.max_new_tokens = 64
+    c.sampling.max_new_tokens = 56
     c.sampling.cache_dtype = "float32"
     c.hindsight.max_teacher_len = 256
-    c.hindsight.buckets = tuple(range(32, 513, 32))
+    # One shape each for responses, student rows and teacher rows: one compile of each step.
+    c.hindsight.buckets = (64, 160, 256)
     # A compact teacher context: the toy tokenizer spells most text character by character.
     c.hindsight.template = ml_collections.ConfigDict(
         dict(answer_open="\nAnswer: ", answer_close="", demo_open="\nSolution:\n", demo_close="", context_close="")
@@ -44,4 +45,5 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.train.sft_warmup_steps = 300
     c.train.checkpoint_every = 10
     c.train.eval_samples = 4
+    c.train.eval_every = 10
     return c

@@ -129,7 +129,7 @@ def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[st
     d = config.data
     if d.kind == "toy":
         train = data.write_toy_dataset(os.path.join(workdir, "toy_train.jsonl"), d.toy_examples, config.seed)
-        evals = data.write_toy_dataset(os.path.join(workdir, "toy_eval.jsonl"), 64, config.seed + 1)
+        evals = data.write_toy_dataset(os.path.join(workdir, "toy_eval.jsonl"), 64, config.seed + 1, split="eval")
         return [train], [evals]
     return validation.split_files(d.train_files), validation.split_files(d.eval_files)
 
