@@ -27,13 +27,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.data.kind = "toy"
     c.data.toy_examples = 2000
     c.data.questions_per_step = 4
-    c.data.max_prompt_len = 96
+    c.data.max_prompt_len = 80
     c.data.enable_thinking = False
-    c.sampling.max_new_tokens = 56
+    c.sampling.max_new_tokens = 48
     c.sampling.cache_dtype = "float32"
-    c.hindsight.max_teacher_len = 256
+    c.hindsight.max_teacher_len = 192
     # One shape each for responses, student rows and teacher rows: one compile of each step.
-    c.hindsight.buckets = (64, 160, 256)
+    c.hindsight.buckets = (64, 128, 192)
     # A compact teacher context: the toy tokenizer spells most text character by character.
     c.hindsight.template = ml_collections.ConfigDict(
         dict(answer_open="\nAnswer: ", answer_close="", demo_open="\nSolution:\n", demo_close="", context_close="")

@@ -341,13 +341,13 @@ TOY_EVAL_SHARE = 10  # one question in TOY_EVAL_SHARE belongs to the held-out sp
 
 
 def toy_problem(rng: random.Random) -> dict:
-    """One dial walk `{question, answer, solution}`: a start digit and 3-6 moves of +-1..9 on a
+    """One dial walk `{question, answer, solution}`: a start digit and 3-5 moves of +-1..9 on a
     dial of `TOY_MODULUS` digits, e.g. "What is 3+4-2+7 mod 10?". The solution takes one move per
     line, mod 10 ("3+4=7", "7-2=5", "5+7=2"), and ends with `The answer is \\boxed{2}.`: a path of
     single-digit choices whose first wrong digit is where a failed walk leaves a correct one."""
     value = rng.randrange(TOY_MODULUS)
     expr, steps = str(value), []
-    for _ in range(rng.randint(3, 6)):
+    for _ in range(rng.randint(3, 5)):
         op, operand = rng.choice("+-"), rng.randint(1, TOY_MODULUS - 1)
         new = (value + operand if op == "+" else value - operand) % TOY_MODULUS
         expr += f"{op}{operand}"

@@ -264,7 +264,7 @@ def test_toy_problems_are_correct_and_verifiable(toy_path):
     for row in rows:
         start, moves = re.fullmatch(r"What is (\d)((?:[+-][1-9])+) mod 10\?", row["question"]).groups()
         moves = re.findall(r"[+-][1-9]", moves)
-        assert 3 <= len(moves) <= 6
+        assert 3 <= len(moves) <= 5
         assert int(row["answer"]) == eval(start + "".join(moves)) % 10  # independent arithmetic
         *steps, last = row["solution"].splitlines()
         assert last == f"The answer is \\boxed{{{row['answer']}}}."
@@ -277,10 +277,10 @@ def test_toy_problems_are_correct_and_verifiable(toy_path):
 
 def test_toy_solution_of_a_hand_worked_walk():
     problem = data.toy_problem(random.Random(5))
-    assert problem["question"] == "What is 9-9+8+1+2-8 mod 10?"
-    # Worked by hand: 9-9 = 0, 0+8 = 8, 8+1 = 9, 9+2 = 11 -> 1, 1-8 = -7 -> 3.
-    assert problem["solution"] == "9-9=0\n0+8=8\n8+1=9\n9+2=1\n1-8=3\nThe answer is \\boxed{3}."
-    assert problem["answer"] == "3"
+    assert problem["question"] == "What is 9-9+8+1+2 mod 10?"
+    # Worked by hand: 9-9 = 0, 0+8 = 8, 8+1 = 9, 9+2 = 11 -> 1.
+    assert problem["solution"] == "9-9=0\n0+8=8\n8+1=9\n9+2=1\nThe answer is \\boxed{1}."
+    assert problem["answer"] == "1"
 
 
 def test_toy_eval_split_shares_no_question_with_train(tmp_path):
