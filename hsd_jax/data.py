@@ -23,7 +23,8 @@ batches of one process, in the same row order as the global arrays they build. `
 after N batches yields exactly the batches an uninterrupted iterator yields after N.
 
 The toy task (`toy_problem`, `write_toy_dataset`, `build_toy_tokenizer`) is the embedded
-multi-step arithmetic task of `configs/tiny.py`: no downloads, verified by
+dial-walk task of `configs/tiny.py` (single-digit moves mod 10, one per solution line), with
+disjoint train and held-out splits (`toy_split`): no downloads, verified by
 `hsd_jax.rewards.math.exact_match`. Its code twin (`toy_code_problem`) asks for a two-line
 program with stdin/stdout tests, verified in the code sandbox.
 """
@@ -36,6 +37,7 @@ import logging
 import os
 import random
 import string
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -385,30 +387,31 @@ TOY_CHAT_TEMPLATE = (
     "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
 
 
+TOY_MODULUS = 10
+TOY_EVAL_SHARE = 10  # one question in TOY_EVAL_SHARE belongs to the held-out split
+
+
 def toy_problem(rng: random.Random) -> dict:
-    """One multi-step arithmetic problem `{question, answer, solution}`: 2-3 operations
-    (+, -, *) on small numbers, left to right, with non-negative intermediate values; the
-    solution shows one step per line and ends with `\\boxed{answer}`."""
-    value = rng.randint(1, 20)
+    """One dial walk `{question, answer, solution}`: a start digit and 3-5 moves of +-1..9 on a
+    dial of `TOY_MODULUS` digits, e.g. "What is 3+4-2+7 mod 10?". The solution takes one move per
+    line, mod 10 ("3+4=7", "7-2=5", "5+7=2"), and ends with `The answer is \\boxed{2}.`: a path of
+    single-digit choices whose first wrong digit is where a failed walk leaves a correct one."""
+    value = rng.randrange(TOY_MODULUS)
     expr, steps = str(value), []
-    for _ in range(rng.randint(2, 3)):
-        op = rng.choice("+-*")
-        if op == "*" and value <= 50:
-            operand = rng.randint(2, 5)
-            new = value * operand
-        elif op == "-" and value > 1:
-            operand = rng.randint(1, value)
-            new = value - operand
-        else:
-            op, operand = "+", rng.randint(1, 20)
-            new = value + operand
-        if op == "*" and ("+" in expr or "-" in expr):  # evaluation is left to right
-            expr = f"({expr})"
-        expr = f"{expr} {op} {operand}"
-        steps.append(f"{value} {op} {operand} = {new}")
+    for _ in range(rng.randint(3, 5)):
+        op, operand = rng.choice("+-"), rng.randint(1, TOY_MODULUS - 1)
+        new = (value + operand if op == "+" else value - operand) % TOY_MODULUS
+        expr += f"{op}{operand}"
+        steps.append(f"{value}{op}{operand}={new}")
         value = new
     solution = "\n".join(steps) + f"\nThe answer is \\boxed{{{value}}}."
-    return {"question": f"What is {expr}?", "answer": str(value), "solution": solution}
+    return {"question": f"What is {expr} mod {TOY_MODULUS}?", "answer": str(value), "solution": solution}
+
+
+def toy_split(question: str) -> str:
+    """"eval" for the held-out share of questions (a fixed hash of the text), else "train": the
+    splits never share a question, whatever seeds draw them."""
+    return "eval" if zlib.crc32(question.encode()) % TOY_EVAL_SHARE == 0 else "train"
 
 
 def toy_code_problem(rng: random.Random) -> dict:
@@ -444,11 +447,18 @@ def write_atomically(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_toy_dataset(path: str, n: int, seed: int, problem: Callable[[random.Random], dict] = toy_problem) -> str:
-    """Writes `n` toy problems (JSONL: math schema, or code schema with `problem=toy_code_problem`)
-    to `path`, deterministically from `seed`."""
-    rng = random.Random(seed)
-    write_atomically(path, "".join(json.dumps(problem(rng)) + "\n" for _ in range(n)))
+def write_toy_dataset(path: str, n: int, seed: int, problem: Callable[[random.Random], dict] = toy_problem,
+                      split: str = "train") -> str:
+    """Writes `n` toy problems of `split` ("train" or "eval", see `toy_split`) to `path` (JSONL:
+    math schema, or code schema with `problem=toy_code_problem`), deterministically from `seed`."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    rng, rows = random.Random(seed), []
+    while len(rows) < n:
+        row = problem(rng)
+        if toy_split(row["question"]) == split:
+            rows.append(json.dumps(row) + "\n")
+    write_atomically(path, "".join(rows))
     return path
 
 

@@ -139,9 +139,9 @@ def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[st
     for kind in validation.mixture(config):
         name, problem = ("toy" if kind == "math" else f"toy_{kind}"), TOY_PROBLEMS[kind]
         train[kind] = [data.write_toy_dataset(os.path.join(workdir, f"{name}_train.jsonl"), d.toy_examples, config.seed,
-                                              problem)]
+                                              problem, split="train")]
         toy_evals.append(f"{kind}=" + data.write_toy_dataset(os.path.join(workdir, f"{name}_eval.jsonl"), 64,
-                                                             config.seed + 1, problem))
+                                                             config.seed + 1, problem, split="eval"))
     return train, eval_sets or evaluate.parse_eval_files(",".join(toy_evals), config.train.eval_samples)
 
 

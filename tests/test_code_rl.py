@@ -79,7 +79,7 @@ def test_reference_tokens_are_the_answer_or_the_rendered_tests():
 def code_config(tmp_path, **overrides):
     """configs/tiny.py on the example code rows, with a 64-token tests budget."""
     fields = dict(data__kind="code", data__train_files=str(ROOT / "examples" / "code.jsonl"), tokenizer_path=str(tmp_path),
-                  hindsight__max_tests_tokens=64, hindsight__max_teacher_len=320)
+                  hindsight__max_tests_tokens=64, hindsight__max_teacher_len=320, train__eval_every=0)
     return config_of("tiny", None, tmp_path, **{**fields, **overrides})
 
 
@@ -267,6 +267,7 @@ def mixed_run(tmp_path_factory):
     config.hindsight.max_teacher_len = 384
     config.train.micro_batch = 5
     config.train.sft_warmup_steps = 0
+    config.train.eval_every = 0  # the step alone; evaluation has its own test below
     config.train.steps = 1
     return trainer.Run(config)
 
@@ -366,7 +367,7 @@ def test_bad_mixtures_name_the_field(overrides, fragments, tmp_path):
 def test_a_math_and_code_mixture_of_files_validates_and_budgets_the_tests(tmp_path):
     fields = dict(tokenizer_path=str(tmp_path), data__kind="math", data__mixture="math:4,code:1",
                   data__train_files=f"{MATH_FILE},code={CODE_FILE}", data__eval_files=f"code={CODE_FILE}",
-                  hindsight__max_tests_tokens=64)
+                  hindsight__max_tests_tokens=64, data__max_prompt_len=96, sampling__max_new_tokens=64)
     config = config_of("tiny", None, tmp_path, hindsight__max_teacher_len=96 + 64 + 64 + 64, **fields)
     validation.validate(validation.resolve(config))
     rejected(config_of("tiny", None, tmp_path, hindsight__max_teacher_len=96 + 64 + 64 + 63, **fields),

@@ -1,5 +1,6 @@
 """Data pipeline: validation counts, chat templating, sharding, deterministic resume, toy task."""
 import json
+import random
 import re
 from pathlib import Path
 
@@ -261,12 +262,35 @@ def test_toy_problems_are_correct_and_verifiable(toy_path):
     again, _ = data.load_rows(data.write_toy_dataset(toy_path + ".again.jsonl", 23, seed=1), "math")
     assert rows == again
     for row in rows:
-        expression = re.fullmatch(r"What is (.*)\?", row["question"]).group(1)
-        assert str(eval(expression)) == row["answer"]  # independent arithmetic
+        start, moves = re.fullmatch(r"What is (\d)((?:[+-][1-9])+) mod 10\?", row["question"]).groups()
+        moves = re.findall(r"[+-][1-9]", moves)
+        assert 3 <= len(moves) <= 5
+        assert int(row["answer"]) == eval(start + "".join(moves)) % 10  # independent arithmetic
+        *steps, last = row["solution"].splitlines()
+        assert last == f"The answer is \\boxed{{{row['answer']}}}."
         assert exact_match(row["solution"], row["answer"]) == (1.0, "correct")
-        for step in row["solution"].splitlines()[:-1]:
-            lhs, rhs = step.split(" = ")
-            assert eval(lhs) == int(rhs)
+        position = int(start)
+        for step, move in zip(steps, moves, strict=True):  # one move per line, walked mod 10
+            assert step == f"{position}{move}={(position + int(move)) % 10}"
+            position = (position + int(move)) % 10
+
+
+def test_toy_solution_of_a_hand_worked_walk():
+    problem = data.toy_problem(random.Random(5))
+    assert problem["question"] == "What is 9-9+8+1+2 mod 10?"
+    # Worked by hand: 9-9 = 0, 0+8 = 8, 8+1 = 9, 9+2 = 11 -> 1.
+    assert problem["solution"] == "9-9=0\n0+8=8\n8+1=9\n9+2=1\nThe answer is \\boxed{1}."
+    assert problem["answer"] == "1"
+
+
+def test_toy_eval_split_shares_no_question_with_train(tmp_path):
+    train, _ = data.load_rows(data.write_toy_dataset(str(tmp_path / "train.jsonl"), 3000, seed=0), "math")
+    held_out, _ = data.load_rows(data.write_toy_dataset(str(tmp_path / "eval.jsonl"), 300, seed=0, split="eval"),
+                                 "math")
+    assert len(train) == 3000 and len(held_out) == 300
+    assert not {r["question"] for r in train} & {r["question"] for r in held_out}
+    with pytest.raises(ValueError, match="split must be"):
+        data.write_toy_dataset(str(tmp_path / "x.jsonl"), 1, seed=0, split="test")
 
 
 def test_example_files_are_clean(tokenizer):

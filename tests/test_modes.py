@@ -21,7 +21,8 @@ from hsd_jax import data, modes, rewards, validation
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(data__toy_examples=64, data__questions_per_step=2, sampling__group_size=4, sampling__max_new_tokens=12,
-            train__micro_batch=4, train__sft_warmup_steps=2, train__steps=2, train__checkpoint_every=1)
+            train__micro_batch=4, train__sft_warmup_steps=2, train__steps=2, train__checkpoint_every=1,
+            train__eval_every=0)
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu",  # one CPU device: the cheapest run of the same program
        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()}
 

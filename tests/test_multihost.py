@@ -29,6 +29,7 @@ FLAGS = [
     "--config.sampling.max_new_tokens=12", "--config.train.micro_batch=8", "--config.train.sft_warmup_steps=1",
     "--config.train.sft_learning_rate=1e-7", "--config.optimizer.learning_rate=1.0", "--config.optimizer.eps=1.0",
     f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=1", "--config.mesh.shape=(1,-1,1)",
+    "--config.train.eval_every=0",
 ]
 
 

@@ -23,7 +23,8 @@ from hsd_jax import data, evaluate, reporting, trainer, warmup
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ("--config.data.toy_examples=64", "--config.data.questions_per_step=2", "--config.sampling.group_size=4",
               "--config.sampling.max_new_tokens=12", "--config.train.micro_batch=4",
-              "--config.train.sft_warmup_steps=2", "--config.train.steps=4", "--config.train.checkpoint_every=2")
+              "--config.train.sft_warmup_steps=2", "--config.train.steps=4", "--config.train.checkpoint_every=2",
+              "--config.train.eval_every=0")
 # Metrics that a resumed step reproduces exactly (timings do not).
 DETERMINISTIC = ("reward", "loss", "distill_loss", "ref_kl", "kl", "entropy", "grad_norm", "response_length")
 
