@@ -15,11 +15,22 @@ matmul FLOP/s measured here (a square GEMM and the LM-head-shaped GEMM, in JAX a
 untied head) with fewer layers in bfloat16; it times one decode step as the difference of two
 generate calls (new_tokens and new_tokens / 2, so prefill cancels) and compares it with the HBM
 floor: bytes of weights + KV cache read per step over the measured device copy bandwidth.
+
+--lengths longtail: the static engine (`sampling.generate`, all rows in one batch) and the
+continuous one (`sampling.generate_continuous`, --slots decode slots) on the same random Qwen3
+(built in JAX) and the same rows, each row forced to end (EOS) at a length drawn from a
+lognormal (sigma 1) with mean a quarter of --new_tokens, capped at it; the static engine also
+in calls of --slots rows (the same KV-cache size as the continuous engine, as the trainer's
+rows_per_call). Prints decode-slot utilisation, tokens/s (generated tokens, compile excluded)
+and the load average at start and end.
+
+    python benchmarks/sampling.py --lengths longtail --hidden 256 --layers 4 --vocab 32768
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -213,6 +224,80 @@ def gpu_floor(args) -> None:
           f"fraction of floor {r['floor_s'] / r['step_s']:.2f}")
 
 
+def longtail_lengths(rows: int, limit: int, seed: int = 0) -> np.ndarray:
+    """Per-row stop lengths: lognormal (sigma 1) with mean limit / 4, rounded, clipped to [1, limit]."""
+    sigma = 1.0
+    mu = np.log(limit / 4) - sigma**2 / 2
+    return np.clip(np.round(np.random.default_rng(seed).lognormal(mu, sigma, rows)), 1, limit).astype(np.int32)
+
+
+def longtail_benchmark(args) -> None:
+    """Static vs continuous engine on long-tailed forced lengths: utilisation and tokens/s."""
+    load_start = os.getloadavg()
+    config = qwen3.Qwen3Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or 3 * args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim, max_position_embeddings=4096,
+    )
+    graphdef, _ = nnx.split(qwen3.abstract_model(config))
+    params = jax.jit(lambda: nnx.split(qwen3.Qwen3(config, rngs=nnx.Rngs(0)))[1])()
+    prompts = np.random.default_rng(1).integers(0, args.vocab - 1, (args.batch, args.prompt_len)).tolist()
+    lengths = longtail_lengths(args.batch, args.new_tokens)
+    sampling_config = sampling.SamplingConfig(
+        max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p,
+        eos_ids=(args.vocab - 1,), prompt_buckets=(args.prompt_len,), cache_dtype=args.cache_dtype,
+    )
+    print(f"devices: {jax.devices()}; load average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
+    print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
+          f"{qwen3.count_params(config) / 1e6:.1f}M params; {args.batch} rows, prompt {args.prompt_len}, "
+          f"limit {args.new_tokens}, forced lengths mean {lengths.mean():.1f} (max {lengths.max()}, "
+          f"{np.sum(lengths == args.new_tokens)} at the limit); top_p {args.top_p}, temperature {args.temperature}")
+    key = jax.random.key(0)
+
+    def static(rows_per_call: int, forced: np.ndarray):
+        """`generate` over consecutive calls of rows_per_call rows -> (tokens [rows, M], DecodeStats)."""
+        calls = [sampling.generate(graphdef, params, prompts[i:i + rows_per_call], jax.random.fold_in(key, i),
+                                   sampling_config, forced_lengths=forced[i:i + rows_per_call])
+                 for i in range(0, args.batch, rows_per_call)]
+        stats = [sampling.static_stats(out) for out in calls]
+        total = sampling.DecodeStats(rows_per_call, sum(s.decode_steps for s in stats), sum(s.useful_tokens for s in stats))
+        return np.concatenate([np.asarray(out.tokens) for out in calls]), total
+
+    def continuous(forced: np.ndarray):
+        out, stats = sampling.generate_continuous(  # the key of static's first (for all rows: only) call
+            graphdef, params, prompts, jax.random.fold_in(key, 0), sampling_config, slots=args.slots,
+            steps_per_call=args.steps_per_call, forced_lengths=forced)
+        return np.asarray(out.tokens), stats
+
+    # warm-up (compiles): the static programs with every row ending at once; the continuous engine's
+    # programs depend on its schedule, so it warms up on the timed workload itself
+    engines = {
+        "static, all rows": (lambda forced: static(args.batch, forced), np.ones_like(lengths)),
+        f"static, {args.slots} rows/call": (lambda forced: static(args.slots, forced), np.ones_like(lengths)),
+        f"continuous, {args.slots} slots": (continuous, lengths),
+    }
+    results = {}
+    for name, (run, warm_up) in engines.items():
+        if name.startswith("static") and args.slots == args.batch and "rows/call" in name:
+            continue
+        start = time.perf_counter()
+        run(warm_up)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        tokens, stats = run(lengths)
+        seconds = time.perf_counter() - start
+        results[name] = tokens
+        generated = stats.useful_tokens + args.batch
+        print(f"{name:26s} utilisation {stats.utilisation:.3f} ({stats.decode_steps} steps x {stats.slots} slots)  "
+              f"{generated / seconds:8.1f} tokens/s ({seconds:.2f} s; warm-up {first:.1f} s)")
+    static_tokens, continuous_tokens = results["static, all rows"], results[f"continuous, {args.slots} slots"]
+    same = np.all(static_tokens == continuous_tokens, axis=1)
+    print(f"rows identical, static (all rows) vs continuous: {same.sum()} / {len(same)}; rows differ where float "
+          "rounding (different batch sizes) moves a draw across a token boundary of the near-uniform random model")
+    load_end = os.getloadavg()
+    print(f"load average at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=None, help="default 512 (CPU run) / 4096 (--gpu_floor)")
@@ -231,8 +316,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed hsd_jax calls after the compiling one")
     parser.add_argument("--skip_transformers", action="store_true")
     parser.add_argument("--gpu_floor", action="store_true", help="8B-shaped decode step vs HBM floor (GPU)")
+    parser.add_argument("--lengths", choices=("fixed", "longtail"), default="fixed",
+                        help="longtail: static vs continuous engine on long-tailed forced stop lengths")
+    parser.add_argument("--slots", type=int, default=16, help="continuous engine's decode slots (--lengths longtail)")
+    parser.add_argument("--steps_per_call", type=int, default=16, help="continuous engine's decode steps per call")
     args = parser.parse_args()
-    if args.gpu_floor:
+    if args.lengths == "longtail":
+        args.hidden = args.hidden or 256
+        longtail_benchmark(args)
+    elif args.gpu_floor:
         gpu_floor(args)
     else:
         args.hidden = args.hidden or 512

@@ -30,6 +30,24 @@ Sampling (`sample_tokens`), per row, with HF's order temperature -> top-k -> top
 
 Sharding: with a mesh, rows are split over the `batch` rule's axes and the KV cache's kv heads
 over the `kv_heads` rule's axes; parameters keep their own shardings (see `sampling_params`).
+
+Continuous batching (`generate_continuous`, single device): the same rows and results with a
+fixed number of decode slots, for long-tailed lengths where the static loop keeps finished rows
+in the batch until the longest ends. A host loop alternates two jitted calls over one device
+state (slot cache [L, slots, T + M - 1, K, H], per-slot row / step / last token, outputs
+[B, M]): `_prefill_slots` prefills the next pending rows' prompts into free slots (cache slots
+[0, T), the count rounded up to a power of two) and draws their first token; `_decode_steps`
+runs up to `steps_per_call` decode steps for all slots, each slot writing its own cache slot
+(`KVCache.index` per row), and returns as soon as a slot frees while rows are pending. Row r's
+t-th token uses the key fold_in(fold_in(key, r), t) whichever slot holds it, so results do not
+depend on scheduling and equal `generate`'s (logprobs to float rounding: batch sizes differ).
+Attention reads a length-bucketed prefix of the cache: each decode call slices the first
+`read_length` slots (prompt bucket + the busiest slot's reach, rounded up to one of
+`read_buckets` lengths), decodes on that slice and writes it back. Chosen over a paged cache
+because XLA needs static shapes: a paged read is a per-step gather (a copy of every page read)
+or a custom kernel, while the bucketed slice costs one copy per call and at most
+`read_buckets` compiled programs; it reads up to the longest busy row's length for every slot.
+Utilisation (`DecodeStats`, both engines): useful decode tokens / (slots x decode steps).
 """
 
 from __future__ import annotations
@@ -304,6 +322,25 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
     return tokens, pads
 
 
+def check_forced_lengths(forced_lengths: Sequence[int] | None, rows: int, config: SamplingConfig) -> np.ndarray | None:
+    """forced_lengths as int32 [rows] (or None); ValueError naming the fix when unusable."""
+    if forced_lengths is None:
+        return None
+    lengths = np.asarray(forced_lengths)
+    if not config.eos_ids:
+        raise ValueError("forced_lengths needs an EOS to force: set SamplingConfig.eos_ids.")
+    if lengths.shape != (rows,) or not np.issubdtype(lengths.dtype, np.integer) or lengths.min() < 1:
+        raise ValueError(f"forced_lengths: pass {rows} ints >= 1 (one per row, P * n), not shape {lengths.shape}.")
+    return lengths.astype(np.int32)
+
+
+def force_eos(logits: jax.Array, steps: jax.Array, forced_lengths: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Makes rows end at a chosen length: where steps == forced_lengths - 1 ([] or [B], [B]), the
+    logits [B, V] allow only eos_ids[0], which is then drawn with logprob 0 under any setting."""
+    only_eos = jnp.where(jnp.arange(logits.shape[-1]) == config.eos_ids[0], 0.0, -1e9)
+    return jnp.where((steps == forced_lengths - 1)[:, None], only_eos, logits)
+
+
 # ----------------------------------------------------------------------------------------------
 # The jitted prefill + decode loop
 # ----------------------------------------------------------------------------------------------
@@ -351,8 +388,9 @@ def _expand_cache(cache: qwen3.KVCache, n: int, slots: int, mesh, rules) -> qwen
     )
 
 
-def _generate(graphdef, params, tokens, pads, key, config: SamplingConfig, mesh, rules_items) -> Rollouts:
-    """tokens [P, T] left-padded, pads [P] -> Rollouts of B = P * n rows (see module docstring)."""
+def _generate(graphdef, params, tokens, pads, key, forced_lengths, config: SamplingConfig, mesh, rules_items) -> Rollouts:
+    """tokens [P, T] left-padded, pads [P], forced_lengths [B] or None -> Rollouts of B = P * n rows
+    (see module docstring)."""
     rules = None if rules_items is None else dict(rules_items)
     model = nnx.merge(graphdef, params)
     P, T = tokens.shape
@@ -365,6 +403,8 @@ def _generate(graphdef, params, tokens, pads, key, config: SamplingConfig, mesh,
 
     def draw(logits, step):
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+        if forced_lengths is not None:
+            logits = force_eos(logits, step, forced_lengths, config)
         return sample_tokens(logits, keys, config, groups)
 
     logits, cache = _prefill(model, tokens, pads, config, mesh, rules)
@@ -423,6 +463,7 @@ def generate(
     config: SamplingConfig,
     mesh: jax.sharding.Mesh | None = None,
     rules: dict[str, tuple[str, ...]] | None = None,
+    forced_lengths: Sequence[int] | None = None,
 ) -> Rollouts:
     """Samples config.n continuations of each prompt (ragged token-id lists) -> Rollouts [P * n].
 
@@ -434,9 +475,13 @@ def generate(
     they form the global batch, process by process, and the padding bucket comes from the
     longest prompt of any process. The result is global: `sharding.global_to_host` gives a
     process its rows [P_local * n].
+
+    forced_lengths (benchmarks and tests; single process): [P * n] lengths at which rows are
+    made to end, see `force_eos`.
     """
     model_config = nnx.merge(graphdef, params).config
     check_prompts(prompts, config, model_config)
+    forced_lengths = check_forced_lengths(forced_lengths, len(prompts) * config.n, config)
     longest = int(sharding.agree_max([max(len(p) for p in prompts)])[0])
     tokens, pads = left_pad(prompts, prompt_bucket(longest, config.prompt_buckets), config.pad_id)
     rules_items = None
@@ -444,7 +489,8 @@ def generate(
         rules = SAMPLING_RULES if rules is None else rules
         rules_items = tuple(sorted((k, tuple(v)) for k, v in rules.items()))
         tokens, pads = sharding.host_to_global(tokens, mesh, rules), sharding.host_to_global(pads, mesh, rules)
-    return _generate_jit(graphdef, params, tokens, pads, key, config=config, mesh=mesh, rules_items=rules_items)
+    return _generate_jit(graphdef, params, tokens, pads, key, forced_lengths, config=config, mesh=mesh,
+                         rules_items=rules_items)
 
 
 def sampling_params(
@@ -461,3 +507,212 @@ def sampling_params(
         lambda v: v.replace(sharding.named_sharding(v.shape, v.logical_axes, mesh, rules)), params, is_leaf=is_var
     )
     return sharding.reshard(params, targets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Continuous batching: a fixed number of decode slots, refilled as rows finish
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DecodeStats:
+    """How full the decode steps of a call were.
+
+    slots: rows per decode step.  decode_steps: batched decode steps run.
+    useful_tokens: tokens drawn by decode steps, sum(lengths - 1) (each row's first token comes
+    from its prefill). utilisation = useful_tokens / (slots * decode_steps).
+    """
+
+    slots: int
+    decode_steps: int
+    useful_tokens: int
+
+    @property
+    def utilisation(self) -> float:
+        return self.useful_tokens / max(1, self.slots * self.decode_steps)
+
+
+def static_stats(rollouts: Rollouts) -> DecodeStats:
+    """`generate`'s DecodeStats: all B rows decode together until the longest ends (max(lengths) - 1 steps)."""
+    lengths = np.asarray(jax.device_get(rollouts.lengths))
+    return DecodeStats(len(lengths), int(lengths.max()) - 1, int((lengths - 1).sum()))
+
+
+def _row_step_keys(key: jax.Array, rows: jax.Array, steps: jax.Array) -> jax.Array:
+    """fold_in(fold_in(key, row), step) per slot, the static engine's stream for (row, step)."""
+    return jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.fold_in, (None, 0))(key, rows), steps)
+
+
+def _draw_rows(logits, key, rows, steps, forced_lengths, config: SamplingConfig):
+    """Token `steps[i]` of row `rows[i]` from logits [slots, V] -> (tokens, logprobs) [slots]."""
+    if forced_lengths is not None:
+        logits = force_eos(logits, steps, forced_lengths[jnp.minimum(rows, len(forced_lengths) - 1)], config)
+    return sample_tokens(logits, _row_step_keys(key, rows, steps), config)
+
+
+def _is_eos(token: jax.Array, config: SamplingConfig) -> jax.Array:
+    return jnp.any(token[:, None] == jnp.asarray(config.eos_ids or (-1,), jnp.int32), axis=-1)
+
+
+def _busy(state, rows: int, config: SamplingConfig) -> jax.Array:
+    """[slots] bool: the slot holds a row that has not ended (EOS) or reached max_new_tokens."""
+    return (state["row"] < rows) & ~state["ended"] & (state["step"] < config.max_new_tokens)
+
+
+def _empty_state(model_config: Qwen3Config, slots: int, rows: int, columns: int, config: SamplingConfig):
+    """Device state of the continuous engine: slot fields [slots], outputs [rows, M], cache [.., slots, columns, ..].
+
+    row: the row a slot holds (rows = none); step: tokens that row has drawn; token: its last
+    token; ended: it drew an EOS; prompt_length: its first generated position.
+    """
+    M = config.max_new_tokens
+    slot = lambda value, dtype=jnp.int32: jnp.full((slots,), value, dtype)
+    return dict(
+        cache=KVCache.init(model_config, slots, columns, config.cache_dtype),
+        row=slot(rows), step=slot(0), token=slot(config.pad_id), ended=slot(False, bool), prompt_length=slot(0),
+        tokens=jnp.full((rows, M), config.pad_id, jnp.int32), logprobs=jnp.zeros((rows, M), jnp.float32),
+        lengths=jnp.zeros((rows,), jnp.int32), row_ended=jnp.zeros((rows,), bool), decode_steps=jnp.zeros((), jnp.int32),
+    )
+
+
+def _prefill_slots(graphdef, params, state, key, slot_ids, rows, tokens, pads, forced_lengths, config: SamplingConfig):
+    """Prefills prompts tokens [p, T] (left-padded, pads [p]) of rows [p] into slots slot_ids [p]
+    and draws each row's first token. Entries with slot_ids = slots and rows = R are padding (dropped)."""
+    model = nnx.merge(graphdef, params)
+    T = tokens.shape[1]
+    logits, cache = _prefill(model, tokens, pads, config, None, None)
+    token, logprob = _draw_rows(logits, key, rows, jnp.zeros_like(rows), forced_lengths, config)
+    put = lambda a, x: a.at[slot_ids].set(x, mode="drop")
+    put_row = lambda a, x: a.at[rows].set(x, mode="drop")
+    full = state["cache"]
+    columns = full.segment_ids.shape[1]
+    ended = _is_eos(token, config)
+    return dict(
+        state,
+        cache=KVCache(
+            k=full.k.at[:, slot_ids, :T].set(cache.k.astype(full.k.dtype), mode="drop"),
+            v=full.v.at[:, slot_ids, :T].set(cache.v.astype(full.v.dtype), mode="drop"),
+            # the previous occupant's later slots are masked by causality until overwritten; clear them anyway
+            segment_ids=put(full.segment_ids, jnp.pad(cache.segment_ids, ((0, 0), (0, columns - T)))),
+            index=full.index,
+        ),
+        row=put(state["row"], rows), step=put(state["step"], 1), token=put(state["token"], token),
+        ended=put(state["ended"], ended), prompt_length=put(state["prompt_length"], T - pads),
+        tokens=state["tokens"].at[rows, 0].set(token, mode="drop"),
+        logprobs=state["logprobs"].at[rows, 0].set(logprob, mode="drop"),
+        lengths=put_row(state["lengths"], 1), row_ended=put_row(state["row_ended"], ended),
+    )
+
+
+def _decode_steps(graphdef, params, state, key, refill, forced_lengths, config: SamplingConfig, steps: int, read: int):
+    """Runs up to `steps` decode steps for all slots, reading and writing only the first `read`
+    cache slots (the host picks `read` >= every busy slot's need). Stops early when no slot is
+    busy, or when `refill` (rows are pending) and a slot has become free, so the host can refill it."""
+    model = nnx.merge(graphdef, params)
+    rows, M = state["tokens"].shape
+    T = state["cache"].segment_ids.shape[1] - M + 1  # prompt bucket
+    full, slots = state["cache"], state["cache"].k.shape[1]
+    index = jnp.zeros((slots,), jnp.int32)  # set per step
+    cache = KVCache(k=full.k[:, :, :read], v=full.v[:, :, :read], segment_ids=full.segment_ids[:, :read], index=index)
+    ones = jnp.ones((slots, 1), jnp.int32)
+
+    def step(carry):
+        i, s, cache = carry
+        live = _busy(s, rows, config)
+        positions = (s["prompt_length"] + s["step"] - 1)[:, None]
+        index = jnp.minimum(T + s["step"] - 1, read - 1)  # only idle slots are clamped; their writes are never read
+        hidden, cache = model(s["token"][:, None], positions, ones, dataclasses.replace(cache, index=index))
+        token, logprob = _draw_rows(model.logits(hidden[:, 0]), key, s["row"], s["step"], forced_lengths, config)
+        target = jnp.where(live, s["row"], rows)  # rows = dropped
+        ended = s["ended"] | (live & _is_eos(token, config))
+        s = dict(
+            s, token=jnp.where(live, token, s["token"]), ended=ended, step=s["step"] + live,
+            tokens=s["tokens"].at[target, s["step"]].set(token, mode="drop"),
+            logprobs=s["logprobs"].at[target, s["step"]].set(logprob, mode="drop"),
+            lengths=s["lengths"].at[target].set(s["step"] + 1, mode="drop"),
+            row_ended=s["row_ended"].at[target].set(ended, mode="drop"),
+            decode_steps=s["decode_steps"] + 1,
+        )
+        return i + 1, s, cache
+
+    def running(carry):
+        busy = _busy(carry[1], rows, config)
+        return (carry[0] < steps) & jnp.any(busy) & ~(refill & ~jnp.all(busy))
+
+    fields = {name: value for name, value in state.items() if name != "cache"}
+    _, s, cache = jax.lax.while_loop(running, step, (jnp.zeros((), jnp.int32), fields, cache))
+    write = lambda a, b: jax.lax.dynamic_update_slice(a, b, (0,) * a.ndim)
+    return dict(s, cache=KVCache(k=write(full.k, cache.k), v=write(full.v, cache.v),
+                                 segment_ids=write(full.segment_ids, cache.segment_ids), index=full.index))
+
+
+_prefill_slots_jit = jax.jit(_prefill_slots, static_argnames=("graphdef", "config"), donate_argnames="state")
+_decode_steps_jit = jax.jit(_decode_steps, static_argnames=("graphdef", "config", "steps", "read"),
+                            donate_argnames="state")
+
+
+def read_length(prompt_bucket_length: int, needed: int, config: SamplingConfig, read_buckets: int) -> int:
+    """Cache slots a decode call reads: the prompt bucket plus `needed` generated slots rounded up
+    to a multiple of ceil((M - 1) / read_buckets), so at most `read_buckets` decode programs
+    compile per prompt bucket."""
+    M = config.max_new_tokens
+    unit = max(1, -(-(M - 1) // read_buckets))
+    return prompt_bucket_length + min(M - 1, -(-needed // unit) * unit)
+
+
+def generate_continuous(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompts: Sequence[Sequence[int]],
+    key: jax.Array,
+    config: SamplingConfig,
+    slots: int,
+    steps_per_call: int = 8,
+    read_buckets: int = 8,
+    forced_lengths: Sequence[int] | None = None,
+) -> tuple[Rollouts, DecodeStats]:
+    """`generate`'s rows and results with `slots` decode slots that are refilled as rows finish.
+
+    The host loop: prefill pending rows into free slots (one jitted call, the count rounded up to
+    a power of two), then run up to `steps_per_call` decode steps for all slots (one jitted call,
+    which returns early once a slot frees while rows are pending), until every row is done. So
+    no slot idles while a row waits; slots idle only in the tail, once nothing is pending. Row r draws its t-th token with fold_in(fold_in(key, r), t), whichever
+    slot holds it, so tokens, logprobs, lengths and truncation equal `generate`'s for the same
+    key. Each decode call reads only the cache slots the busiest slot can reach in it (see
+    `read_length`; `read_buckets` trades compiled programs for slots read). Single device (no
+    mesh). forced_lengths: as in `generate`. Returns (Rollouts [P * n], DecodeStats).
+    """
+    model_config = nnx.merge(graphdef, params).config
+    check_prompts(prompts, config, model_config)
+    for name, value in (("slots", slots), ("steps_per_call", steps_per_call), ("read_buckets", read_buckets)):
+        if not (_is_int(value) and value >= 1):
+            raise ValueError(f"generate_continuous: {name}={value!r}, use an int >= 1.")
+    rows, n, M = len(prompts) * config.n, config.n, config.max_new_tokens
+    forced = check_forced_lengths(forced_lengths, rows, config)
+    T = prompt_bucket(max(len(p) for p in prompts), config.prompt_buckets)
+    tokens, pads = left_pad(prompts, T, config.pad_id)
+    state = _empty_state(model_config, slots, rows, T + M - 1, config)
+    pending = list(range(rows))
+    while True:
+        row, step, ended = jax.device_get((state["row"], state["step"], state["ended"]))
+        free = np.flatnonzero((row >= rows) | ended | (step >= M))
+        if pending and len(free):
+            take = min(len(free), len(pending))
+            width = min(slots, 1 << (take - 1).bit_length())
+            new_rows = np.full(width, rows, np.int32)
+            new_rows[:take], pending = pending[:take], pending[take:]
+            slot_ids = np.full(width, slots, np.int32)
+            slot_ids[:take] = free[:take]
+            prompt_ids = np.where(new_rows < rows, new_rows // n, 0)
+            state = _prefill_slots_jit(graphdef, params, state, key, slot_ids, new_rows, tokens[prompt_ids],
+                                       pads[prompt_ids], forced, config=config)
+            continue
+        busy = (row < rows) & ~ended & (step < M)
+        if not busy.any():
+            break
+        read = read_length(T, int(step[busy].max()) + steps_per_call - 1, config, read_buckets)
+        state = _decode_steps_jit(graphdef, params, state, key, bool(pending), forced, config=config,
+                                  steps=steps_per_call, read=read)
+    lengths = state["lengths"]
+    out = Rollouts(tokens=state["tokens"], logprobs=state["logprobs"], lengths=lengths, truncated=~state["row_ended"],
+                   prompt_index=jnp.arange(rows, dtype=jnp.int32) // n)
+    return out, DecodeStats(slots, int(state["decode_steps"]), int(jnp.sum(lengths - 1)))

@@ -152,7 +152,8 @@ class KVCache:
 
     k, v:         [L, B, S, K, H]  cached keys (after RoPE) and values
     segment_ids:  [B, S] int32     segment of each cached slot; 0 marks an empty or padding slot
-    index:        [] int32         next slot to write
+    index:        [] int32         next slot to write, the same for every row; or
+                  [B] int32        each row's own next slot (decode slots of different lengths)
     """
 
     k: jax.Array
@@ -194,9 +195,11 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 def attention_mask(
     query_segments: jax.Array, key_segments: jax.Array, query_slots: jax.Array
 ) -> jax.Array:
-    """[B, T, S] bool: causal by slot, same segment, and never a padding (segment 0) key."""
+    """[B, T, S] bool: causal by slot, same segment, and never a padding (segment 0) key.
+
+    query_slots: [T] (every row) or [B, T] (per row) cache slot of each query."""
     key_slots = jnp.arange(key_segments.shape[1])
-    causal = key_slots[None, None, :] <= query_slots[None, :, None]
+    causal = key_slots <= query_slots[..., None]
     same_segment = query_segments[:, :, None] == key_segments[:, None, :]
     return causal & same_segment & (key_segments[:, None, :] != 0)
 
@@ -218,6 +221,25 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) 
     return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
 
 
+def write_at(buffer: jax.Array, update: jax.Array, start: tuple, time_axis: int, index: jax.Array) -> jax.Array:
+    """`lax.dynamic_update_slice(buffer, update, start)` with the time axis started at `index`.
+
+    index: [] writes every row at the same slot; [B] writes row b at slot index[b] (the batch
+    axis is `time_axis - 1`; `start` holds 0 there), as decode slots at different lengths need.
+    """
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(buffer, update, tuple(index if a == time_axis else s for a, s in enumerate(start)))
+    batch_axis = time_axis - 1
+    row_start = start[:batch_axis] + start[time_axis:]  # the batch axis removed: time is at batch_axis
+
+    def write_row(buffer_row, update_row, i):
+        return jax.lax.dynamic_update_slice(
+            buffer_row, update_row, tuple(i if a == batch_axis else s for a, s in enumerate(row_start))
+        )
+
+    return jax.vmap(write_row, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(buffer, update, index)
+
+
 def decoder_layer(
     x: jax.Array,
     p: dict[str, jax.Array],
@@ -230,8 +252,8 @@ def decoder_layer(
     """One pre-norm decoder layer. x: [B, T, D]; p: this layer's parameters.
 
     cache: (k, v) of all layers [L, B, S, K, H] and this layer's index l, or None. The new keys
-    and values are written in place at layer l, slot `write_index`, and attention reads layer
-    l's whole (updated) cache. Returns (x, updated (k, v) of all layers or None).
+    and values are written in place at layer l, slot `write_index` ([] or per row [B]), and
+    attention reads layer l's whole (updated) cache. Returns (x, updated (k, v) of all layers or None).
     """
     eps, dtype = config.rms_norm_eps, x.dtype
     h = rms_norm(x, p["attn_norm"], eps)
@@ -242,9 +264,9 @@ def decoder_layer(
     k = rope(rms_norm(k, p["k_norm"], eps), positions, config.rope_theta)
     if cache is not None:
         k_all, v_all, l = cache
-        start = (l, 0, write_index, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+        start = (l, 0, 0, 0, 0)
+        k_all = write_at(k_all, k[None].astype(k_all.dtype), start, 2, write_index)
+        v_all = write_at(v_all, v[None].astype(v_all.dtype), start, 2, write_index)
         k, v = k_all[l], v_all[l]
     attn = attention(q, k.astype(dtype), v.astype(dtype), mask)
     x = x + jnp.einsum("btnh,nhd->btd", attn, p["o_proj"].astype(dtype))
@@ -318,8 +340,8 @@ class Qwen3(nnx.Module):
         tokens, positions: [B, T] int. segment_ids: [B, T] int, tokens attend only within their
         own segment; 0 marks padding. Without segment_ids and cache, attention is plain causal
         (right padding needs nothing more) and uses a fused kernel where the backend has one.
-        With a cache, the T tokens are written at slots cache.index .. cache.index + T - 1 and
-        attend to every earlier slot.
+        With a cache, the T tokens are written at slots cache.index .. cache.index + T - 1 (per
+        row when cache.index is [B]) and attend to every earlier slot.
         """
         c = self.config
         dtype = DTYPES[c.dtype]
@@ -332,8 +354,8 @@ class Qwen3(nnx.Module):
                 segment_ids = jnp.ones((B, T), jnp.int32)
             key_segments = segment_ids
             if cache is not None:
-                key_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, write_index))
-            mask = attention_mask(segment_ids, key_segments, write_index + jnp.arange(T))
+                key_segments = write_at(cache.segment_ids, segment_ids.astype(jnp.int32), (0, 0), 1, write_index)
+            mask = attention_mask(segment_ids, key_segments, write_index[..., None] + jnp.arange(T))
 
         def layer(carry, p):
             x, kv, l = carry
