@@ -558,7 +558,7 @@ def _busy(state, rows: int, config: SamplingConfig) -> jax.Array:
     return (state["row"] < rows) & ~state["ended"] & (state["step"] < config.max_new_tokens)
 
 
-def _empty_state(model_config: Qwen3Config, slots: int, rows: int, columns: int, config: SamplingConfig):
+def _empty_state(model_config: qwen3.Qwen3Config, slots: int, rows: int, columns: int, config: SamplingConfig):
     """Device state of the continuous engine: slot fields [slots], outputs [rows, M], cache [.., slots, columns, ..].
 
     row: the row a slot holds (rows = none); step: tokens that row has drawn; token: its last
@@ -567,7 +567,7 @@ def _empty_state(model_config: Qwen3Config, slots: int, rows: int, columns: int,
     M = config.max_new_tokens
     slot = lambda value, dtype=jnp.int32: jnp.full((slots,), value, dtype)
     return dict(
-        cache=KVCache.init(model_config, slots, columns, config.cache_dtype),
+        cache=qwen3.KVCache.init(model_config, slots, columns, config.cache_dtype),
         row=slot(rows), step=slot(0), token=slot(config.pad_id), ended=slot(False, bool), prompt_length=slot(0),
         tokens=jnp.full((rows, M), config.pad_id, jnp.int32), logprobs=jnp.zeros((rows, M), jnp.float32),
         lengths=jnp.zeros((rows,), jnp.int32), row_ended=jnp.zeros((rows,), bool), decode_steps=jnp.zeros((), jnp.int32),
@@ -588,7 +588,7 @@ def _prefill_slots(graphdef, params, state, key, slot_ids, rows, tokens, pads, f
     ended = _is_eos(token, config)
     return dict(
         state,
-        cache=KVCache(
+        cache=qwen3.KVCache(
             k=full.k.at[:, slot_ids, :T].set(cache.k.astype(full.k.dtype), mode="drop"),
             v=full.v.at[:, slot_ids, :T].set(cache.v.astype(full.v.dtype), mode="drop"),
             # the previous occupant's later slots are masked by causality until overwritten; clear them anyway
@@ -612,7 +612,7 @@ def _decode_steps(graphdef, params, state, key, refill, forced_lengths, config: 
     T = state["cache"].segment_ids.shape[1] - M + 1  # prompt bucket
     full, slots = state["cache"], state["cache"].k.shape[1]
     index = jnp.zeros((slots,), jnp.int32)  # set per step
-    cache = KVCache(k=full.k[:, :, :read], v=full.v[:, :, :read], segment_ids=full.segment_ids[:, :read], index=index)
+    cache = qwen3.KVCache(k=full.k[:, :, :read], v=full.v[:, :, :read], segment_ids=full.segment_ids[:, :read], index=index)
     ones = jnp.ones((slots, 1), jnp.int32)
 
     def step(carry):
@@ -641,7 +641,7 @@ def _decode_steps(graphdef, params, state, key, refill, forced_lengths, config: 
     fields = {name: value for name, value in state.items() if name != "cache"}
     _, s, cache = jax.lax.while_loop(running, step, (jnp.zeros((), jnp.int32), fields, cache))
     write = lambda a, b: jax.lax.dynamic_update_slice(a, b, (0,) * a.ndim)
-    return dict(s, cache=KVCache(k=write(full.k, cache.k), v=write(full.v, cache.v),
+    return dict(s, cache=qwen3.KVCache(k=write(full.k, cache.k), v=write(full.v, cache.v),
                                  segment_ids=write(full.segment_ids, cache.segment_ids), index=full.index))
 
 
