@@ -426,16 +426,14 @@ class Run:
         the training arrays themselves."""
         return decode_params(self.state.params, self.config.sampling.decode_layout, self.model_cfg, self.mesh)
 
-    def sample(self, params, questions: list[np.ndarray], stream: int, n: int | None = None,
-               progress=None, fold: int | None = None) -> sampling.Rollouts:
-        """n (default G) rollouts per question from `params`, with `stream`'s key at this step
-        (folded with `fold` when given)."""
-        cfg = self.sampling_cfg if n is None else dataclasses.replace(self.sampling_cfg, n=n)
+    def sample(self, params, questions: list[np.ndarray], stream: int, fold: int | None = None) -> sampling.Rollouts:
+        """G rollouts per question from `params`, with `stream`'s key at this step (folded with
+        `fold` when given)."""
         key = step_key(self.config.seed, stream, int(self.state.step))
         if fold is not None:
             key = jax.random.fold_in(key, fold)
-        return rollout.sample(self.graphdef, params, self.template, questions, key, cfg,
-                              rows_per_call=self.config.sampling.rows_per_call, mesh=self.mesh, progress=progress)
+        return rollout.sample(self.graphdef, params, self.template, questions, key, self.sampling_cfg,
+                              rows_per_call=self.config.sampling.rows_per_call, mesh=self.mesh)
 
     def collect(self, params, scorer: rewards.Scorer, times: dict[str, float]) -> tuple[rollout.ScoredGroups, int]:
         """This step's questions (this process's share of `data.questions_per_step`), G scored
