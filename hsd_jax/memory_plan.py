@@ -259,7 +259,7 @@ def compile_sampler(config, graphdef, params, shapes: Shapes, mesh) -> CompiledP
     rules_items = tuple(sorted((k, tuple(v)) for k, v in rules.items()))
     return compile_program(
         sampling._generate_jit, graphdef, params, prompts(shapes.prompts, shapes.prompt), prompts(shapes.prompts), key,
-        config=sampling_config(config), mesh=mesh, rules_items=rules_items,
+        None, config=sampling_config(config), mesh=mesh, rules_items=rules_items,  # None: no forced lengths
     )
 
 
