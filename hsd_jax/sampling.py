@@ -11,8 +11,13 @@ How a call runs (`generate`):
   attended; positions count from each prompt's first real token), the cache rows repeated n
   times (row r belongs to prompt r // n), then the decode loop. All rows write the same cache
   slot each step; the loop stops per row on an EOS id or after M tokens and exits as soon as every
-  row is done. The cache is allocated inside the compiled function (optionally bfloat16) and the
-  while loop updates it in place, so no cache buffer crosses the jit boundary.
+  row is done. The loop runs in segments (at most `read_buckets`, `static_read_lengths`), each a
+  while loop over a prefix of the cache that ends at a `read_length` bucket, so a step reads the
+  slots filled so far rounded up, not all T + M - 1; a segment whose rows are all done runs no
+  step. A prefix is a copy written back after its segment (the last segment reads the whole
+  cache in place), so earlier segments hold the cache plus their prefix. The cache is allocated
+  inside the compiled function (optionally bfloat16) and updated in place, so no cache buffer
+  crosses the jit boundary.
 
 Sampling (`sample_tokens`), per row, with HF's order temperature -> top-k -> top-p -> min-p:
 - The returned logprob is of the distribution actually sampled from: the temperature-scaled,
@@ -41,9 +46,10 @@ runs up to `steps_per_call` decode steps for all slots, each slot writing its ow
 (`KVCache.index` per row), and returns as soon as a slot frees while rows are pending. Row r's
 t-th token uses the key fold_in(fold_in(key, r), t) whichever slot holds it, so results do not
 depend on scheduling and equal `generate`'s (logprobs to float rounding: batch sizes differ).
-Attention reads a length-bucketed prefix of the cache: each decode call slices the first
-`read_length` slots (prompt bucket + the busiest slot's reach, rounded up to one of
-`read_buckets` lengths), decodes on that slice and writes it back. Chosen over a paged cache
+Attention reads a length-bucketed prefix of the cache (`_loop_on_prefix`, shared with the static
+engine's segments): each decode call slices the first `read_length` slots (prompt bucket + the
+busiest slot's reach, rounded up to one of `read_buckets` lengths), decodes on that slice and
+writes it back. Chosen over a paged cache
 because XLA needs static shapes: a paged read is a per-step gather (a copy of every page read)
 or a custom kernel, while the bucketed slice costs one copy per call and at most
 `read_buckets` compiled programs; it reads up to the longest busy row's length for every slot.
@@ -73,6 +79,7 @@ DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _BLOCK = 128  # tokens per block of the two-level inverse-CDF draw
 _ONE_BITS = 0x3F800000  # float32 bit pattern of 1.0
 _CHUNK_ELEMENTS = 2**18  # CPU: logits per row chunk of the full-vocabulary search (about 1 MiB)
+STATIC_READ_BUCKETS = 4  # `generate`'s default decode segments (each a copy of the decode step in its program)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +329,13 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
     return tokens, pads
 
 
+def check_counts(function: str, **counts: Any) -> None:
+    """ValueError naming the argument unless every value of `counts` is an int >= 1."""
+    for name, value in counts.items():
+        if not (_is_int(value) and value >= 1):
+            raise ValueError(f"{function}: {name}={value!r}, use an int >= 1.")
+
+
 def check_forced_lengths(forced_lengths: Sequence[int] | None, rows: int, config: SamplingConfig) -> np.ndarray | None:
     """forced_lengths as int32 [rows] (or None); ValueError naming the fix when unusable."""
     if forced_lengths is None:
@@ -388,7 +402,41 @@ def _expand_cache(cache: qwen3.KVCache, n: int, slots: int, mesh, rules) -> qwen
     )
 
 
-def _generate(graphdef, params, tokens, pads, key, forced_lengths, config: SamplingConfig, mesh, rules_items) -> Rollouts:
+def _loop_on_prefix(cache: qwen3.KVCache, read: int, index: jax.Array, running, step, carry, mesh=None, rules=None):
+    """`lax.while_loop(running, step, (carry, prefix))` where prefix is the first `read` slots of
+    cache [L, B, S, K, H] with write index `index` ([] or [B]), so attention and the per-layer cache
+    copies cost `read` slots, not S; the prefix is then written back. step must write only below
+    `read`. Returns (carry, cache) with cache.index unchanged. Both engines decode through this."""
+    if read == cache.k.shape[2]:
+        carry, prefix = jax.lax.while_loop(running, step, (carry, dataclasses.replace(cache, index=index)))
+        return carry, dataclasses.replace(prefix, index=cache.index)
+    kv = lambda a: _constrain(a[:, :, :read], CACHE_AXES, mesh, rules)
+    segments = _constrain(cache.segment_ids[:, :read], ("batch", "length"), mesh, rules)
+    prefix = qwen3.KVCache(k=kv(cache.k), v=kv(cache.v), segment_ids=segments, index=index)
+    carry, prefix = jax.lax.while_loop(running, step, (carry, prefix))
+    write = lambda a, b: jax.lax.dynamic_update_slice(a, b, (0,) * a.ndim)
+    return carry, qwen3.KVCache(k=write(cache.k, prefix.k), v=write(cache.v, prefix.v),
+                                segment_ids=write(cache.segment_ids, prefix.segment_ids), index=cache.index)
+
+
+def read_length(prompt_bucket_length: int, needed: int, config: SamplingConfig, read_buckets: int) -> int:
+    """Cache slots a decode call reads: the prompt bucket plus `needed` generated slots rounded up
+    to a multiple of ceil((M - 1) / read_buckets), so at most `read_buckets` decode programs
+    compile per prompt bucket."""
+    M = config.max_new_tokens
+    unit = max(1, -(-(M - 1) // read_buckets))
+    return prompt_bucket_length + min(M - 1, -(-needed // unit) * unit)
+
+
+def static_read_lengths(prompt_bucket_length: int, config: SamplingConfig, read_buckets: int) -> tuple[int, ...]:
+    """Cache slots each decode segment of `generate` reads, ascending: the `read_length` buckets
+    that decode steps 1 .. M - 1 need (step t writes slot T + t - 1); at most `read_buckets`."""
+    steps = range(1, config.max_new_tokens)
+    return tuple(sorted({read_length(prompt_bucket_length, t, config, read_buckets) for t in steps}))
+
+
+def _generate(graphdef, params, tokens, pads, key, forced_lengths, config: SamplingConfig, mesh, rules_items,
+              read_buckets: int = STATIC_READ_BUCKETS) -> Rollouts:
     """tokens [P, T] left-padded, pads [P], forced_lengths [B] or None -> Rollouts of B = P * n rows
     (see module docstring)."""
     rules = None if rules_items is None else dict(rules_items)
@@ -411,41 +459,42 @@ def _generate(graphdef, params, tokens, pads, key, forced_lengths, config: Sampl
     cache = _expand_cache(cache, n, T + M - 1, mesh, rules)
     prompt_lengths = batch(jnp.repeat(T - pads, n))  # = position of the first generated token
     token, logprob = draw(batch(jnp.repeat(logits, n, axis=0)), 0)
-    ended = jnp.any(token[:, None] == eos, axis=-1)
-    state = dict(
-        step=jnp.ones((), jnp.int32), cache=cache, token=token, ended=ended,
+    s = dict(
+        step=jnp.ones((), jnp.int32), token=token, ended=jnp.any(token[:, None] == eos, axis=-1),
         tokens=batch(jnp.full((B, M), config.pad_id, jnp.int32).at[:, 0].set(token)),
         logprobs=batch(jnp.zeros((B, M), jnp.float32).at[:, 0].set(logprob)),
         lengths=batch(jnp.ones((B,), jnp.int32)),
     )
 
-    def running(s):
-        return (s["step"] < M) & ~jnp.all(s["ended"])
-
-    def decode(s):
+    def decode(carry):
+        s, cache = carry
         step = s["step"]
         positions = (prompt_lengths + step - 1)[:, None]
-        hidden, cache = model(s["token"][:, None], positions, jnp.ones((B, 1), jnp.int32), s["cache"])
+        cache = dataclasses.replace(cache, index=T + step - 1)
+        hidden, cache = model(s["token"][:, None], positions, jnp.ones((B, 1), jnp.int32), cache)
         token, logprob = draw(model.logits(hidden[:, 0]), step)
         active = ~s["ended"]
         token = jnp.where(active, token, config.pad_id)
         column = lambda out, x: jax.lax.dynamic_update_slice(out, x[:, None], (0, step))
         return dict(
-            step=step + 1, cache=cache, token=token,
+            step=step + 1, token=token,
             ended=s["ended"] | jnp.any(token[:, None] == eos, axis=-1),
             tokens=column(s["tokens"], token),
             logprobs=column(s["logprobs"], jnp.where(active, logprob, 0.0)),
             lengths=s["lengths"] + active,
-        )
+        ), cache
 
-    s = jax.lax.while_loop(running, decode, state)
+    for read in static_read_lengths(T, config, read_buckets):
+        last_step = read - T  # the step that writes the prefix's last slot
+        running = lambda carry, last_step=last_step: (carry[0]["step"] <= last_step) & ~jnp.all(carry[0]["ended"])
+        s, cache = _loop_on_prefix(cache, read, jnp.zeros((), jnp.int32), running, decode, s, mesh, rules)
     return Rollouts(
         tokens=s["tokens"], logprobs=s["logprobs"], lengths=s["lengths"], truncated=~s["ended"],
         prompt_index=batch(jnp.arange(B, dtype=jnp.int32) // n),
     )
 
 
-_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "config", "mesh", "rules_items"))
+_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "config", "mesh", "rules_items", "read_buckets"))
 
 
 def compiled_variants() -> int:
@@ -464,12 +513,17 @@ def generate(
     mesh: jax.sharding.Mesh | None = None,
     rules: dict[str, tuple[str, ...]] | None = None,
     forced_lengths: Sequence[int] | None = None,
+    read_buckets: int = STATIC_READ_BUCKETS,
 ) -> Rollouts:
     """Samples config.n continuations of each prompt (ragged token-id lists) -> Rollouts [P * n].
 
     graphdef, params: `nnx.split(model)` of a `models.qwen3.Qwen3` (params as placed; see
     `sampling_params`). With a mesh, rows are sharded by `rules` (default SAMPLING_RULES).
-    Compiles once per (len(prompts), prompt bucket, max_new_tokens) and config.
+    Compiles once per (len(prompts), prompt bucket, max_new_tokens), config and read_buckets.
+
+    The decode loop runs in up to `read_buckets` segments, each reading only the cache slots it
+    can reach (`static_read_lengths`): more segments read fewer slots per step but make the
+    program larger (each holds a copy of the decode step). 1 = every step reads the whole cache.
 
     Multi-process: each process passes its own prompts (the same number everywhere); together
     they form the global batch, process by process, and the padding bucket comes from the
@@ -481,6 +535,7 @@ def generate(
     """
     model_config = nnx.merge(graphdef, params).config
     check_prompts(prompts, config, model_config)
+    check_counts("generate", read_buckets=read_buckets)
     forced_lengths = check_forced_lengths(forced_lengths, len(prompts) * config.n, config)
     longest = int(sharding.agree_max([max(len(p) for p in prompts)])[0])
     tokens, pads = left_pad(prompts, prompt_bucket(longest, config.prompt_buckets), config.pad_id)
@@ -490,7 +545,7 @@ def generate(
         rules_items = tuple(sorted((k, tuple(v)) for k, v in rules.items()))
         tokens, pads = sharding.host_to_global(tokens, mesh, rules), sharding.host_to_global(pads, mesh, rules)
     return _generate_jit(graphdef, params, tokens, pads, key, forced_lengths, config=config, mesh=mesh,
-                         rules_items=rules_items)
+                         rules_items=rules_items, read_buckets=read_buckets)
 
 
 def sampling_params(
@@ -610,13 +665,11 @@ def _decode_steps(graphdef, params, state, key, refill, forced_lengths, config: 
     model = nnx.merge(graphdef, params)
     rows, M = state["tokens"].shape
     T = state["cache"].segment_ids.shape[1] - M + 1  # prompt bucket
-    full, slots = state["cache"], state["cache"].k.shape[1]
-    index = jnp.zeros((slots,), jnp.int32)  # set per step
-    cache = qwen3.KVCache(k=full.k[:, :, :read], v=full.v[:, :, :read], segment_ids=full.segment_ids[:, :read], index=index)
+    slots = state["cache"].k.shape[1]
     ones = jnp.ones((slots, 1), jnp.int32)
 
     def step(carry):
-        i, s, cache = carry
+        (i, s), cache = carry
         live = _busy(s, rows, config)
         positions = (s["prompt_length"] + s["step"] - 1)[:, None]
         index = jnp.minimum(T + s["step"] - 1, read - 1)  # only idle slots are clamped; their writes are never read
@@ -632,31 +685,22 @@ def _decode_steps(graphdef, params, state, key, refill, forced_lengths, config: 
             row_ended=s["row_ended"].at[target].set(ended, mode="drop"),
             decode_steps=s["decode_steps"] + 1,
         )
-        return i + 1, s, cache
+        return (i + 1, s), cache
 
     def running(carry):
-        busy = _busy(carry[1], rows, config)
-        return (carry[0] < steps) & jnp.any(busy) & ~(refill & ~jnp.all(busy))
+        (i, s), _ = carry
+        busy = _busy(s, rows, config)
+        return (i < steps) & jnp.any(busy) & ~(refill & ~jnp.all(busy))
 
     fields = {name: value for name, value in state.items() if name != "cache"}
-    _, s, cache = jax.lax.while_loop(running, step, (jnp.zeros((), jnp.int32), fields, cache))
-    write = lambda a, b: jax.lax.dynamic_update_slice(a, b, (0,) * a.ndim)
-    return dict(s, cache=qwen3.KVCache(k=write(full.k, cache.k), v=write(full.v, cache.v),
-                                 segment_ids=write(full.segment_ids, cache.segment_ids), index=full.index))
+    index = jnp.zeros((slots,), jnp.int32)  # set per step
+    (_, s), cache = _loop_on_prefix(state["cache"], read, index, running, step, (jnp.zeros((), jnp.int32), fields))
+    return dict(s, cache=cache)
 
 
 _prefill_slots_jit = jax.jit(_prefill_slots, static_argnames=("graphdef", "config"), donate_argnames="state")
 _decode_steps_jit = jax.jit(_decode_steps, static_argnames=("graphdef", "config", "steps", "read"),
                             donate_argnames="state")
-
-
-def read_length(prompt_bucket_length: int, needed: int, config: SamplingConfig, read_buckets: int) -> int:
-    """Cache slots a decode call reads: the prompt bucket plus `needed` generated slots rounded up
-    to a multiple of ceil((M - 1) / read_buckets), so at most `read_buckets` decode programs
-    compile per prompt bucket."""
-    M = config.max_new_tokens
-    unit = max(1, -(-(M - 1) // read_buckets))
-    return prompt_bucket_length + min(M - 1, -(-needed // unit) * unit)
 
 
 def generate_continuous(
@@ -683,9 +727,7 @@ def generate_continuous(
     """
     model_config = nnx.merge(graphdef, params).config
     check_prompts(prompts, config, model_config)
-    for name, value in (("slots", slots), ("steps_per_call", steps_per_call), ("read_buckets", read_buckets)):
-        if not (_is_int(value) and value >= 1):
-            raise ValueError(f"generate_continuous: {name}={value!r}, use an int >= 1.")
+    check_counts("generate_continuous", slots=slots, steps_per_call=steps_per_call, read_buckets=read_buckets)
     rows, n, M = len(prompts) * config.n, config.n, config.max_new_tokens
     forced = check_forced_lengths(forced_lengths, rows, config)
     T = prompt_bucket(max(len(p) for p in prompts), config.prompt_buckets)

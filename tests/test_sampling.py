@@ -172,6 +172,31 @@ def test_eos_ends_rows_and_rows_stay_ended(split_model):
     assert ended.lengths[0] <= 5 and ended.lengths[1] <= 10 and ended.lengths[5] <= 3
 
 
+@pytest.mark.parametrize(
+    "temperature, read_buckets", [(0.0, 7), (1.0, sampling.STATIC_READ_BUCKETS)], ids=["greedy-7", "sampled-default"]
+)
+def test_cache_prefix_segments_equal_whole_cache_reads(split_model, temperature, read_buckets):
+    """Decode segments that read only a prefix of the cache give the tokens, logprobs and lengths of
+    reading the whole cache every step (read_buckets=1), for rows ending at mixed steps (forced
+    EOS) inside and at the edges of segments, and when every row ends before the last segment.
+    (The default path is also checked against transformers and a teacher-forced forward above.)"""
+    graphdef, params = split_model
+    config = sampling.SamplingConfig(max_new_tokens=8, n=2, temperature=temperature, top_p=0.9, eos_ids=(V - 1,),
+                                     prompt_buckets=BUCKETS)
+    # prompt bucket 16; steps 1..7 write slots 16..22; 7 steps in units of ceil(7 / b) slots
+    reads = {1: (23,), 4: (18, 20, 22, 23), 7: tuple(range(17, 24))}
+    assert sampling.static_read_lengths(16, config, read_buckets) == reads[read_buckets]
+    for forced in ([1, 3, 4, 8, 5, 7], [2, 1, 3, 2, 1, 3]):  # the second: every row ends by decode step 2
+        whole, out = (jax.device_get(sampling.generate(graphdef, params, PROMPTS, jax.random.key(8), config,
+                                                       forced_lengths=forced, read_buckets=b))
+                      for b in (1, read_buckets))
+        np.testing.assert_array_equal(whole.lengths, forced)  # the forcing, by hand
+        np.testing.assert_array_equal(out.tokens, whole.tokens)
+        np.testing.assert_allclose(out.logprobs, whole.logprobs, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(out.lengths, whole.lengths)
+        np.testing.assert_array_equal(out.truncated, whole.truncated)
+
+
 def test_sharded_equals_unsharded(checkpoint, split_model):
     graphdef, params = split_model
     config = sampling.SamplingConfig(max_new_tokens=10, n=2, top_p=0.9, prompt_buckets=BUCKETS)
@@ -228,4 +253,6 @@ def test_bad_input_is_a_clear_error_before_tracing(split_model):
         sampling.generate(graphdef, params, [[1] * 8], key, long_config)
     with pytest.raises(ValueError, match="eos_ids"):
         sampling.generate(graphdef, params, [[1]], key, dataclasses.replace(config, eos_ids=(V,)))
+    with pytest.raises(ValueError, match="read_buckets=0"):
+        sampling.generate(graphdef, params, [[1]], key, config, read_buckets=0)
     assert sampling.compiled_variants() == before
