@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import os
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks import loss_memory, sampling as sampling_bench, update_cost  # noqa: E402
+from benchmarks import loss_memory, machine, sampling as sampling_bench, update_cost  # noqa: E402
 from hsd_jax import losses, sampling  # noqa: E402
 from models import hf, qwen3  # noqa: E402
 
@@ -257,10 +256,6 @@ def table(rows: list[Row], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_average() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="accelerator_check.txt", help="file the table is written to")
@@ -269,7 +264,7 @@ def main() -> None:
     a = p.parse_args()
     sizes = TINY if a.tiny else FULL
     layers = 1 if a.tiny else a.layers
-    start, load_start = time.perf_counter(), load_average()
+    start, load_start = time.perf_counter(), machine.load()
     device = jax.devices()[0]
     print(f"{device.device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
     rows = []
@@ -284,7 +279,7 @@ def main() -> None:
     header = [f"# accelerator check ({'tiny' if a.tiny else 'full'} sizes)", "",
               f"- device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}",
               f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; wall "
-              f"{time.perf_counter() - start:.0f} s; load average start {load_start}, end {load_average()}"]
+              f"{time.perf_counter() - start:.0f} s; at start {load_start}; at end {machine.load()}"]
     text = table(rows, header)
     print(text)
     Path(a.out).write_text(text)
@@ -292,4 +287,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine.reporting_load():
+        main()

@@ -19,6 +19,7 @@ import torch
 import transformers
 from flax import nnx
 
+from benchmarks import machine
 from models import hf, qwen3
 
 
@@ -102,4 +103,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with machine.reporting_load():
+        main()

@@ -22,7 +22,6 @@ show as such.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+from benchmarks import machine  # noqa: E402
 from hsd_jax import losses  # noqa: E402
 
 GIB = 2**30
@@ -74,11 +74,6 @@ def variants(chunks: list[int]) -> dict:
     return fns
 
 
-def load_average() -> str:
-    """The 1/5/15-minute load averages, e.g. ``"2.1 2.5 3.0"``."""
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
 def compile_value_and_grad(fn, args):
     """Compiled ``value_and_grad`` w.r.t. student and head, and its peak bytes."""
     compiled = jax.jit(jax.value_and_grad(fn, argnums=(1, 2))).lower(*args).compile()
@@ -118,8 +113,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--max_run_gib", type=float, default=8.0, help="time naive only below this")
     a = p.parse_args()
-    print(f"{jax.devices()[0].device_kind} x{len(jax.devices())}, D={a.dim} V={a.vocab}, float32, "
-          f"load average at start {load_average()}")
+    print(f"{jax.devices()[0].device_kind} x{len(jax.devices())}, D={a.dim} V={a.vocab}, float32")
     for n in a.positions:
         results = measure(n, a.dim, a.vocab, a.chunks, a.reps, a.max_run_gib)
         naive_peak, naive_time = results["naive"]
@@ -129,8 +123,8 @@ def main() -> None:
             if seconds is not None:
                 line += f"   time {seconds:7.2f} s ({seconds / naive_time:.2f}x)"
             print(line, flush=True)
-    print(f"load average at end {load_average()}")
 
 
 if __name__ == "__main__":
-    main()
+    with machine.reporting_load():
+        main()

@@ -21,8 +21,7 @@ continuous one (`sampling.generate_continuous`, --slots decode slots) on the sam
 (built in JAX) and the same rows, each row forced to end (EOS) at a length drawn from a
 lognormal (sigma 1) with mean a quarter of --new_tokens, capped at it; the static engine also
 in calls of --slots rows (the same KV-cache size as the continuous engine, as the trainer's
-rows_per_call). Prints decode-slot utilisation, tokens/s (generated tokens, compile excluded)
-and the load average at start and end.
+rows_per_call). Prints decode-slot utilisation and tokens/s (generated tokens, compile excluded).
 
     python benchmarks/sampling.py --lengths longtail --hidden 256 --layers 4 --vocab 32768
 """
@@ -30,7 +29,6 @@ and the load average at start and end.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -43,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks import machine
 from hsd_jax import sampling
 from models import hf, qwen3
 
@@ -233,7 +232,6 @@ def longtail_lengths(rows: int, limit: int, seed: int = 0) -> np.ndarray:
 
 def longtail_benchmark(args) -> None:
     """Static vs continuous engine on long-tailed forced lengths: utilisation and tokens/s."""
-    load_start = os.getloadavg()
     config = qwen3.Qwen3Config(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or 3 * args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -247,7 +245,7 @@ def longtail_benchmark(args) -> None:
         max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p,
         eos_ids=(args.vocab - 1,), prompt_buckets=(args.prompt_len,), cache_dtype=args.cache_dtype,
     )
-    print(f"devices: {jax.devices()}; load average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
+    print(f"devices: {jax.devices()}")
     print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
           f"{qwen3.count_params(config) / 1e6:.1f}M params; {args.batch} rows, prompt {args.prompt_len}, "
           f"limit {args.new_tokens}, forced lengths mean {lengths.mean():.1f} (max {lengths.max()}, "
@@ -294,8 +292,6 @@ def longtail_benchmark(args) -> None:
     same = np.all(static_tokens == continuous_tokens, axis=1)
     print(f"rows identical, static (all rows) vs continuous: {same.sum()} / {len(same)}; rows differ where float "
           "rounding (different batch sizes) moves a draw across a token boundary of the near-uniform random model")
-    load_end = os.getloadavg()
-    print(f"load average at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
 
 
 def main() -> None:
@@ -332,4 +328,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine.reporting_load():
+        main()

@@ -29,6 +29,7 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from benchmarks import machine  # noqa: E402
 from hsd_jax import reporting  # noqa: E402
 
 WINDOWS = (2, 4, 8, 16, 32)
@@ -116,10 +117,6 @@ def plot(results: dict[str, list[list[dict]]], path: str) -> None:
     plt.close(fig)
 
 
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="grpo,dapo,opsd,sdpo,hsd")
@@ -135,7 +132,7 @@ def main() -> None:
         flags.append(f"--config.train.steps={args.steps}")
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    print(f"toy_compare: {methods} x seeds {seeds}; load average at start {load_average()}", flush=True)
+    print(f"toy_compare: {methods} x seeds {seeds}", flush=True)
 
     def warm_up(seed: int) -> None:
         workdir = os.path.join(args.out, f"seed{seed}", "warmup")
@@ -156,7 +153,7 @@ def main() -> None:
         results = {m: [runs[m, s].result() for s in seeds] for m in methods}
     minutes = (time.perf_counter() - start) / 60
     report = (f"{table(results)}\n\n{len(methods)} methods x {len(seeds)} seeds in {minutes:.1f} min, {args.jobs} "
-              f"runs at a time; load average at end {load_average()}.")
+              f"runs at a time; machine at end: {machine.load()}.")
     print(report)
     with open(os.path.join(args.out, "toy_compare.md"), "w") as f:
         f.write(report + "\n")
@@ -165,4 +162,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine.reporting_load():
+        main()

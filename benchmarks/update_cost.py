@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from benchmarks import machine
 from hsd_jax import batch as batch_lib
 from hsd_jax import losses, trainer
 from models import qwen3
@@ -96,4 +97,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with machine.reporting_load():
+        main()
