@@ -47,7 +47,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.sampling.cache_dtype = "float32"
     c.hindsight.max_teacher_len = 192
     # One shape each for responses, student rows and teacher rows: one compile of each step.
-    c.hindsight.buckets = (64, 128, 192, 512)  # 512: the longer rows of the toy code task (data.mixture)
+    c.hindsight.buckets = (64, 96, 128, 192, 512)  # 512: the longer rows of the toy code task (data.mixture)
     # A compact teacher context: the toy tokenizer spells most text character by character.
     c.hindsight.template = ml_collections.ConfigDict(
         dict(answer_open="\nAnswer: ", answer_close="", demo_open="\nSolution:\n", demo_close="", context_close="")

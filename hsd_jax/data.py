@@ -36,12 +36,14 @@ import json
 import logging
 import os
 import random
+import re
 import string
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
+import numpy as np
 
 from hsd_jax.rewards.code import normalize_tests
 
@@ -374,6 +376,10 @@ def mixture_dataset(sources: Mapping[str, str | Sequence[str]], weights: Mapping
 
 TOY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 TOY_THINK_TOKENS = ("<think>", "</think>")
+# Whole phrases of the toy prompts, solutions and teacher template as single tokens: the toy
+# task's rows stay short (the tiny model's steps cost what its tokens cost).
+TOY_PHRASES = (MATH_INSTRUCTION, "What is ", " mod 10?", "The answer is \\boxed{", "user\n", "assistant\n",
+               "\nAnswer: ", "\nSolution:\n")
 _TOY_WORDS = ("What", "is", "the", "answer", "The", "boxed", "Please", "reason", "step", "by",
               "and", "put", "your", "final", "within", "user", "assistant", "system")
 # Qwen3's template reduced to plain turns: same markers, same empty think block when
@@ -388,24 +394,57 @@ TOY_CHAT_TEMPLATE = (
 
 
 TOY_MODULUS = 10
+TOY_MOVES = 4
 TOY_EVAL_SHARE = 10  # one question in TOY_EVAL_SHARE belongs to the held-out split
+TOY_QUESTION = re.compile(r"What is (\d)((?:[+-]\d)+) mod \d+\?")
+
+
+def toy_lines(start: int, moves: Sequence[str], results: Sequence[int]) -> str:
+    """The worked walk: after move k, a line of the value reached and the moves left, right-aligned
+    to the width of the expression ("3+4-2+7-1" -> "  7-2+7-1", "    5+7-1", ...), then the boxed
+    answer. Every line is as wide as the last, so each digit sits right under what it comes from:
+    a result under its move, a move left under itself."""
+    width = 2 * len(moves) + 1
+    lines = ["".join([str(value), *moves[k + 1:]]).rjust(width) for k, value in enumerate(results)]
+    return "\n".join(lines) + f"\nThe answer is \\boxed{{{results[-1] if results else start}}}."
+
+
+def toy_walk(start: int, moves: Sequence[str]) -> list[int]:
+    """The values a walk from `start` reaches, one per move ("+4", "-2", ...), mod `TOY_MODULUS`."""
+    values, value = [], start
+    for move in moves:
+        value = (value + int(move)) % TOY_MODULUS
+        values.append(value)
+    return values
 
 
 def toy_problem(rng: random.Random) -> dict:
-    """One dial walk `{question, answer, solution}`: a start digit and 3-5 moves of +-1..9 on a
-    dial of `TOY_MODULUS` digits, e.g. "What is 3+4-2+7 mod 10?". The solution takes one move per
-    line, mod 10 ("3+4=7", "7-2=5", "5+7=2"), and ends with `The answer is \\boxed{2}.`: a path of
-    single-digit choices whose first wrong digit is where a failed walk leaves a correct one."""
-    value = rng.randrange(TOY_MODULUS)
-    expr, steps = str(value), []
-    for _ in range(rng.randint(3, 5)):
-        op, operand = rng.choice("+-"), rng.randint(1, TOY_MODULUS - 1)
-        new = (value + operand if op == "+" else value - operand) % TOY_MODULUS
-        expr += f"{op}{operand}"
-        steps.append(f"{value}{op}{operand}={new}")
-        value = new
-    solution = "\n".join(steps) + f"\nThe answer is \\boxed{{{value}}}."
-    return {"question": f"What is {expr} mod {TOY_MODULUS}?", "answer": str(value), "solution": solution}
+    """One dial walk `{question, answer, solution}`: a start digit and `TOY_MOVES` moves of +-1..9
+    on a dial of `TOY_MODULUS` digits, e.g. "What is 3+4-2+7-1 mod 10?". The solution
+    (`toy_lines`) makes one move per line, a path of single-digit results whose first wrong
+    digit is where a failed walk leaves a correct one."""
+    start = rng.randrange(TOY_MODULUS)
+    moves = [rng.choice("+-") + str(rng.randint(1, TOY_MODULUS - 1)) for _ in range(TOY_MOVES)]
+    values = toy_walk(start, moves)
+    return {"question": f"What is {start}{''.join(moves)} mod {TOY_MODULUS}?", "answer": str(values[-1]),
+            "solution": toy_lines(start, moves, values)}
+
+
+def toy_slip(question: str, rate: float, rng: np.random.Generator) -> tuple[str, int | None]:
+    """The solution of a toy `question` as a solver that knows every step but slips writes it:
+    each line's result is a uniformly drawn wrong digit with probability `rate`, and later lines
+    (and the boxed answer) carry on from the digit written. Returns (the text, the character
+    index of its first slipped digit, or None when nothing slipped)."""
+    start, moves = TOY_QUESTION.fullmatch(question).groups()
+    moves = re.findall(r"[+-]\d", moves)
+    value, values, first = int(start), [], None
+    for k, move in enumerate(moves):
+        value = (value + int(move)) % TOY_MODULUS
+        if rng.random() < rate:
+            value = (value + int(rng.integers(1, TOY_MODULUS))) % TOY_MODULUS
+            first = (2 * len(moves) + 2) * k + 2 * k + 2 if first is None else first
+        values.append(value)
+    return toy_lines(int(start), moves, values), first
 
 
 def toy_split(question: str) -> str:
@@ -490,7 +529,7 @@ def build_toy_tokenizer(directory: str) -> str:
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t in TOY_SPECIAL_TOKENS])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
-                          for t in TOY_THINK_TOKENS])
+                          for t in TOY_THINK_TOKENS + TOY_PHRASES])
     os.makedirs(directory, exist_ok=True)
     write_atomically(os.path.join(directory, "tokenizer.json"), tokenizer.to_str())
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",

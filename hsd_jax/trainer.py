@@ -521,7 +521,7 @@ class Run:
         c = self.config
         make_batch = partial(
             warmup.warmup_batch, tokenizer=self.tokenizer, template=self.template, eos_id=self.sampling_cfg.eos_ids[0],
-            hindsight_cfg=c.hindsight,
+            hindsight_cfg=c.hindsight, slip_rate=c.data.toy_slip_rate, rng=np.random.default_rng([c.seed, STREAM_WARMUP, 1]),
         )
         examples, _ = data.mixture_examples(self.train_files, self.tokenizer, max_prompt_len=c.data.max_prompt_len,
                                             template=c.data.template, enable_thinking=c.data.enable_thinking)

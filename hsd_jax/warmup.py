@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from hsd_jax import batch as batch_lib
-from hsd_jax import hindsight, losses, rollout, sharding, validation
+from hsd_jax import data, hindsight, losses, rollout, sharding, validation
 
 
 def response_nll(graphdef: nnx.GraphDef, params: nnx.State, rows: batch_lib.ModelRows, targets: jax.Array,
@@ -31,17 +31,18 @@ def response_nll(graphdef: nnx.GraphDef, params: nnx.State, rows: batch_lib.Mode
     return -(logprobs * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def sft_step(params: nnx.State, opt_state, batch: batch_lib.TrainBatch, *, graphdef: nnx.GraphDef,
-             optimizer: optax.GradientTransformation, chunk_size: int):
-    """One supervised step on the mean of the student-format and teacher-format NLLs.
+def sft_step(params: nnx.State, opt_state, batch: batch_lib.TrainBatch, teacher_mask: jax.Array, *,
+             graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, chunk_size: int):
+    """One supervised step on the mean of the student-format NLL (over `batch.response_mask`) and
+    the teacher-format NLL (over `teacher_mask` [B, T_resp]) of the batch's response tokens.
 
     Reads the batch's rows and response tokens and mask (not its RL fields).
     Returns (params, opt_state, loss []).
     """
 
     def loss_fn(params):
-        nll = lambda rows: response_nll(graphdef, params, rows, batch.response_tokens, batch.response_mask, chunk_size)
-        return (nll(batch.student) + nll(batch.teacher)) / 2
+        nll = lambda rows, mask: response_nll(graphdef, params, rows, batch.response_tokens, mask, chunk_size)
+        return (nll(batch.student, batch.response_mask) + nll(batch.teacher, teacher_mask)) / 2
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -56,21 +57,41 @@ def warmup_batch(
     eos_id: int,
     hindsight_cfg: ml_collections.ConfigDict,
     kind: str = "math",
-) -> batch_lib.TrainBatch:
-    """The host batch of Q dataset rows: B = 2Q rows, each solution (+ EOS) twice as a group of peers.
+    slip_rate: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> tuple[batch_lib.TrainBatch, np.ndarray]:
+    """The host batch of Q dataset rows (B = 3Q rows) and its teacher mask [B, T_resp] (`sft_step`).
+
+    Each row makes a group of three rollouts (+ EOS): its solution as written, the solution, and
+    another as written. As written is the solution itself, or with `slip_rate` (toy rows) a copy
+    that slips (`data.toy_slip`, drawn with `rng`): a solver that knows every step but slips now
+    and then. The student format learns all three. The teacher format learns HSD's two contexts
+    (`peer_answer`, after the answer: a code row's tests): the first rollout with the solution as
+    its peer, except the first slipped digit, where that demonstration still shows the way; and
+    the third with the answer alone, HSD's fallback. The second is only the peer. So the
+    teacher's edge over the student is only what it reads: it follows a demonstration while the
+    response agrees with it, and after a divergence, or with the answer alone, it writes as the
+    student does.
 
     Each row's prompt takes its own kind's instruction (its "kind" field; `kind` where it has none).
-
-    The teacher context is HSD's (`peer_answer`): the answer (a code row's tests) and the solution;
     `hindsight_cfg` (`config.hindsight`) gives buckets, strip_think and max_tests_tokens. The RL fields keep their defaults.
     """
     questions = rollout.question_tokens(tokenizer, rows, kind)
+    write = (lambda r: data.toy_slip(r["question"], slip_rate, rng)) if slip_rate else (lambda r: (r["solution"], None))
+    written = [(write(r), write(r)) for r in rows]
     answers, solutions = rollout.reference_tokens(tokenizer, rows, max_tests_tokens=hindsight_cfg.max_tests_tokens)
-    responses = [np.append(s, eos_id) for s in solutions for _ in range(2)]
-    peers = np.tile([1, 0], (len(rows), 1))
+    texts = hindsight.encode_texts(tokenizer, [text for pair in written for text, _ in pair])
+    responses = [np.append(s, eos_id) for i, solution in enumerate(solutions)
+                 for s in (texts[2 * i], solution, texts[2 * i + 1])]
+    peers = np.tile([1, -1, -1], (len(rows), 1))
     batch, _ = batch_lib.assemble(template, questions, responses, peers, answers, context="peer_answer",
                                   buckets=hindsight_cfg.buckets, strip_think=hindsight_cfg.strip_think)
-    return batch
+    teacher_mask = np.array(batch.response_mask)
+    teacher_mask[1::3] = 0
+    for i, ((text, slip), _) in enumerate(written):
+        if slip is not None:
+            teacher_mask[3 * i, len(tokenizer.encode(text[:slip]))] = 0
+    return batch, teacher_mask
 
 
 def require_solutions(rows: Sequence[dict]) -> None:
@@ -96,7 +117,7 @@ def sft_warmup(
     graphdef: nnx.GraphDef,
     params: nnx.State,
     rows: Sequence[dict],
-    make_batch: Callable[[list[dict]], batch_lib.TrainBatch],
+    make_batch: Callable[[list[dict]], tuple[batch_lib.TrainBatch, np.ndarray]],
     *,
     steps: int,
     learning_rate: float,
@@ -108,7 +129,7 @@ def sft_warmup(
 ) -> nnx.State:
     """`steps` Adam steps on batches of `rows_per_step` rows drawn by `rng`; returns the new params.
 
-    make_batch: rows -> host `TrainBatch` (e.g. `warmup_batch` with its settings bound).
+    make_batch: rows -> host (`TrainBatch`, teacher mask) (e.g. `warmup_batch` with its settings bound).
     on_step(steps_done, loss []) runs after each step (progress, logging).
     """
     if not rows:
@@ -123,7 +144,7 @@ def sft_warmup(
     for i in range(steps):  # every process draws the same rows and builds its slice of them
         picked = [rows[j] for j in rng.integers(0, len(rows), per_process * jax.process_count())]
         local = picked[first : first + per_process]
-        params, opt_state, loss = step_fn(params, opt_state, batch_lib.place(make_batch(local), mesh))
+        params, opt_state, loss = step_fn(params, opt_state, *batch_lib.place(make_batch(local), mesh))
         if on_step is not None:
             on_step(i + 1, loss)
     return params

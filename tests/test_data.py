@@ -4,6 +4,7 @@ import random
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -257,6 +258,17 @@ def test_shard_smaller_than_batch_is_a_clear_error(toy_path, tokenizer):
                             process_index=0, process_count=1)
 
 
+def walk_lines(text):
+    """(values, lines, last line) of a worked toy walk, checking its layout: one right-aligned line
+    per move, value then the moves left, all as wide as the expression."""
+    *lines, last = text.splitlines()
+    values = []
+    for k, line in enumerate(lines):
+        assert len(line) == 2 * len(lines) + 1 and line[: 2 * k + 2] == " " * (2 * k + 2)
+        values.append(int(line[2 * k + 2]))
+    return values, lines, last
+
+
 def test_toy_problems_are_correct_and_verifiable(toy_path):
     rows, _ = data.load_rows(toy_path, "math")
     again, _ = data.load_rows(data.write_toy_dataset(toy_path + ".again.jsonl", 23, seed=1), "math")
@@ -264,23 +276,49 @@ def test_toy_problems_are_correct_and_verifiable(toy_path):
     for row in rows:
         start, moves = re.fullmatch(r"What is (\d)((?:[+-][1-9])+) mod 10\?", row["question"]).groups()
         moves = re.findall(r"[+-][1-9]", moves)
-        assert 3 <= len(moves) <= 5
+        assert len(moves) == 4
         assert int(row["answer"]) == eval(start + "".join(moves)) % 10  # independent arithmetic
-        *steps, last = row["solution"].splitlines()
-        assert last == f"The answer is \\boxed{{{row['answer']}}}."
         assert exact_match(row["solution"], row["answer"]) == (1.0, "correct")
+        values, lines, last = walk_lines(row["solution"])
+        assert last == f"The answer is \\boxed{{{row['answer']}}}."
         position = int(start)
-        for step, move in zip(steps, moves, strict=True):  # one move per line, walked mod 10
-            assert step == f"{position}{move}={(position + int(move)) % 10}"
-            position = (position + int(move)) % 10
+        for k, (value, line) in enumerate(zip(values, lines, strict=True)):  # one move per line, mod 10
+            position = (position + int(moves[k])) % 10
+            assert value == position and line.strip() == str(position) + "".join(moves[k + 1:])
 
 
 def test_toy_solution_of_a_hand_worked_walk():
     problem = data.toy_problem(random.Random(5))
-    assert problem["question"] == "What is 9-9+8+1+2 mod 10?"
-    # Worked by hand: 9-9 = 0, 0+8 = 8, 8+1 = 9, 9+2 = 11 -> 1.
-    assert problem["solution"] == "9-9=0\n0+8=8\n8+1=9\n9+2=1\nThe answer is \\boxed{1}."
-    assert problem["answer"] == "1"
+    assert problem["question"] == "What is 9-6+8+1+2 mod 10?"
+    # Worked by hand: 9-6 = 3, 3+8 = 11 -> 1, 1+1 = 2, 2+2 = 4.
+    assert problem["solution"] == "  3+8+1+2\n    1+1+2\n      2+2\n        4\nThe answer is \\boxed{4}."
+    assert problem["answer"] == "4"
+
+
+def test_toy_slip_walks_on_from_each_wrong_digit():
+    question = "What is 9-6+8+1+2 mod 10?"
+    solution = data.toy_problem(random.Random(5))["solution"]
+    assert data.toy_slip(question, 0.0, np.random.default_rng(0)) == (solution, None)
+    moves = ["-6", "+8", "+1", "+2"]
+    for seed in range(20):  # rate 1: every result is wrong for its own move, and the walk goes on from it
+        text, first = data.toy_slip(question, 1.0, np.random.default_rng(seed))
+        values, lines, last = walk_lines(text)
+        position = 9
+        for k, (value, line) in enumerate(zip(values, lines, strict=True)):
+            assert value != (position + int(moves[k])) % 10 and line.strip() == str(value) + "".join(moves[k + 1:])
+            position = value
+        assert last == f"The answer is \\boxed{{{position}}}."
+        assert first == 2 and text[:first] == solution[:first]
+    slipped = [data.toy_slip(question, 0.3, np.random.default_rng(seed)) for seed in range(400)]
+    firsts = [first for _, first in slipped]
+    # P(first slip on line k) = 0.7^k * 0.3; line k's value sits at 10k + 2k + 2
+    for k in range(4):
+        assert firsts.count(12 * k + 2) / 400 == pytest.approx(0.7 ** k * 0.3, abs=0.07)
+    assert firsts.count(None) / 400 == pytest.approx(0.7 ** 4, abs=0.07)
+    for text, first in slipped:  # the text agrees with the solution up to its first slip
+        assert (text == solution) == (first is None)
+        if first is not None:
+            assert text[:first] == solution[:first] and text[first] != solution[first]
 
 
 def test_toy_eval_split_shares_no_question_with_train(tmp_path):

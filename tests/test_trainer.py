@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import importlib
+import random
 
 import jax
 import jax.numpy as jnp
@@ -331,18 +332,20 @@ def test_a_non_finite_update_is_skipped_and_leaves_the_state_bit_identical(setup
 def test_sft_step_loss_is_the_torch_nll_and_a_step_lowers_it(setup):
     s, b = setup, setup["batch"]
 
-    def mean_nll(prompt_of):  # a token mean over the whole batch
+    def mean_nll(prompt_of, rows):  # a token mean over the rows
         with torch.no_grad():
             logprobs = [response_logprobs(s["policy"], prompt_of(s, row), r)[torch.arange(len(r)), torch.as_tensor(r)]
-                        for row, r in enumerate(s["responses"])]
+                        for row, r in enumerate(s["responses"]) if row in rows]
         return -float(torch.cat(logprobs).mean())
 
-    expected = (mean_nll(student_prompt) + mean_nll(teacher_prompt)) / 2
+    teacher_rows = (1, 2, 5)  # the teacher format learns only where its mask says
+    teacher_mask = np.array(b.response_mask) * np.isin(np.arange(8), teacher_rows)[:, None]
+    expected = (mean_nll(student_prompt, range(8)) + mean_nll(teacher_prompt, teacher_rows)) / 2
     optimizer = optax.adam(1e-2)
     step = jax.jit(functools.partial(warmup.sft_step, graphdef=s["graphdef"], optimizer=optimizer, chunk_size=4))
-    params, opt_state, loss = step(s["params"], optimizer.init(s["params"]), b)
+    params, opt_state, loss = step(s["params"], optimizer.init(s["params"]), b, teacher_mask)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
-    _, _, after = step(params, opt_state, b)
+    _, _, after = step(params, opt_state, b, teacher_mask)
     assert float(after) < float(loss) - 1e-3
 
 
@@ -383,26 +386,62 @@ def test_assemble_folds_keep_into_the_mask_and_pads_the_rl_fields(setup):
             np.testing.assert_array_equal(rows.tokens[b, rows.gather_index[b, : lengths[b]] + 1], response)
 
 
-def test_warmup_batch_learns_each_solution_as_two_peers_in_both_formats(setup):
+def teacher_prefix(tokenizer, eos, question, answer, demo=None):
+    """The CharTokenizer teacher prompt of `setup`'s template, by hand."""
+    demo_block = [] if demo is None else tokenizer.encode(f"[D:{demo}") + [eos] + tokenizer.encode("]")
+    return tokenizer.encode(f"<u>{question}[A:{answer}]") + demo_block + tokenizer.encode("!</u><a>")
+
+
+def test_warmup_batch_teaches_the_teacher_both_hsd_contexts(setup):
     s = setup
     tokenizer, eos = CharTokenizer(), 63
     rows = [{"question": "1+1", "answer": "2", "solution": "1+1=2"},
             {"question": "3*3", "answer": "9", "solution": "9"}]
     config = ml_collections.ConfigDict(dict(buckets=8, strip_think=False, max_tests_tokens=64))
-    warm = warmup.warmup_batch(rows, tokenizer, s["template"], eos_id=eos, kind="math", hindsight_cfg=config)
-    assert warm.response_tokens.shape[0] == 4
-    for b in range(4):
-        row = rows[b // 2]
+    warm, teacher_mask = warmup.warmup_batch(rows, tokenizer, s["template"], eos_id=eos, kind="math",
+                                             hindsight_cfg=config)
+    assert warm.response_tokens.shape[0] == 6
+    for b in range(6):
+        row = rows[b // 3]
         response = tokenizer.encode(row["solution"]) + [eos]
         np.testing.assert_array_equal(warm.response_tokens[b, : len(response)], response)
         question = data.user_content(row["question"], "math")
-        # the teacher reads the answer and the peer's rollout, which is the same solution
-        prefix = (tokenizer.encode(f"<u>{question}[A:{row['answer']}][D:{row['solution']}") + [eos]
-                  + tokenizer.encode("]!</u><a>"))
-        expected = prefix + response
+        # the first reads the answer and its peer (the solution); the others the answer alone
+        demo = row["solution"] if b % 3 == 0 else None
+        expected = teacher_prefix(tokenizer, eos, question, row["answer"], demo) + response
         np.testing.assert_array_equal(warm.teacher.tokens[b, : len(expected)], expected)
         assert not warm.teacher.tokens[b, len(expected):].any()
-    np.testing.assert_array_equal(warm.distill_mask, np.ones(4))
+    np.testing.assert_array_equal(warm.response_mask, teacher_mask + np.isin(np.arange(6), (1, 4))[:, None] * warm.response_mask)
+    assert not teacher_mask[[1, 4]].any()
+
+
+def test_warmup_batch_with_slips_masks_the_teachers_divergence(setup):
+    tokenizer, eos = CharTokenizer(), 63
+    rng = random.Random(3)
+    rows = [data.toy_problem(rng) for _ in range(6)]
+    config = ml_collections.ConfigDict(dict(buckets=64, strip_think=False, max_tests_tokens=64))
+    warm, teacher_mask = warmup.warmup_batch(rows, tokenizer, setup["template"], eos_id=eos, kind="math",
+                                             hindsight_cfg=config, slip_rate=0.5, rng=np.random.default_rng(0))
+    lengths = np.asarray(warm.response_mask).sum(1).astype(int)
+    diverged = 0
+    for q, row in enumerate(rows):
+        solution = tokenizer.encode(row["solution"]) + [eos]
+        np.testing.assert_array_equal(warm.response_tokens[3 * q + 1, : len(solution)], solution)
+        assert not teacher_mask[3 * q + 1].any()
+        question = data.user_content(row["question"], "math")
+        for b, demo in ((3 * q, row["solution"]), (3 * q + 2, None)):
+            written = list(np.asarray(warm.response_tokens[b, : lengths[b]]))
+            assert len(written) == len(solution) and written[-1] == eos  # a slip rewrites digits only
+            expected = teacher_prefix(tokenizer, eos, question, row["answer"], demo) + written
+            np.testing.assert_array_equal(warm.teacher.tokens[b, : len(expected)], expected)
+            unmasked = np.ones(len(written))
+            differ = np.flatnonzero(np.array(written) != np.array(solution))
+            if len(differ) and demo is not None:  # the first token the student wrote otherwise than its peer
+                unmasked[differ[0]] = 0
+                diverged += 1
+            np.testing.assert_array_equal(teacher_mask[b, : len(written)], unmasked)
+            assert not teacher_mask[b, len(written):].any()
+    assert diverged >= 2  # slips at rate 0.5 over 3-5 lines: almost every walk
 
 
 def test_place_splits_every_field_over_the_batch_axes(setup):
