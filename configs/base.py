@@ -71,7 +71,11 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
              rows_per_call=256,  # rollouts generated per sampler call (bounds the KV cache)
              # "tensor": decode from a tensor-parallel copy of the weights made before each rollout
              # phase (reshard_s); "train": decode from the training (FSDP) layout, no copy
-             decode_layout="tensor")
+             decode_layout="tensor",
+             # "static": sampling.generate, rows_per_call rows decode until the longest ends;
+             # "continuous": sampling.generate_continuous, rows_per_call decode slots refilled as
+             # rows end (the same tokens for the same seed; faster on long-tailed lengths); one process
+             engine="static")
     )
     c.loss = loss_fields()
     c.loss.name = name

@@ -49,7 +49,8 @@ class LoadedModel:
         template = hindsight.encode_template(self.tokenizer, trainer.teacher_template(c))
         params = trainer.decode_params(self.params, c.sampling.decode_layout, self.model_cfg, self.mesh)
         return rollout.Policy(self.graphdef, params, template, self.tokenizer,
-                              rollout.sampling_config(c.sampling, self.tokenizer), c.sampling.rows_per_call, self.mesh)
+                              rollout.sampling_config(c.sampling, self.tokenizer), c.sampling.rows_per_call, self.mesh,
+                              c.sampling.engine)
 
     def scorer(self) -> rewards.Scorer:
         return rewards.Scorer(validation.verifiers(self.config),

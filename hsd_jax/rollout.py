@@ -3,8 +3,11 @@
     examples --question_tokens--> Q questions --sample--> Q * G rollouts (host arrays)
       --responses--> B token arrays --score--> rewards [B]
 
-Rows are group-major: rollout `b` answers question `b // G`. Sampling runs the jitted
-`sampling.generate` at most `rows_per_call` rows at a time, which bounds the KV cache.
+Rows are group-major: rollout `b` answers question `b // G`. Sampling runs one of two engines
+(`config.sampling.engine`), both bounding the KV cache at `rows_per_call` rows: "static", the
+jitted `sampling.generate` at most `rows_per_call` rows at a time; "continuous",
+`sampling.generate_continuous` over all rows with `rows_per_call` decode slots refilled as rows
+end. For the same key both draw the same tokens (to float rounding).
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from hsd_jax import data, hindsight, rewards, sampling, sharding
 from hsd_jax.rewards import code
+
+ENGINES = ("static", "continuous")  # config.sampling.engine
 
 
 def sampling_config(sampling_cfg: ml_collections.ConfigDict, tokenizer) -> sampling.SamplingConfig:
@@ -67,26 +73,42 @@ def sample(
     *,
     rows_per_call: int,
     mesh: jax.sharding.Mesh,
+    engine: str = "static",
     progress: Callable[[int], Any] | None = None,
 ) -> sampling.Rollouts:
-    """`cfg.n` rollouts of each question's student prompt, as host (NumPy) `sampling.Rollouts` [Q * n].
+    """`cfg.n` rollouts of each question's student prompt, as host (NumPy) `sampling.Rollouts` [Q * n]
+    (row b answers question `prompt_index[b]` = b // n).
 
-    Multi-process: `questions` are this process's (the same count on every process) and so are
-    the returned rows; the sampler runs on the global batch.
+    Multi-process ("static" only): `questions` are this process's (the same count on every
+    process) and so are the returned rows; the sampler runs on the global batch.
 
-    Questions go to the sampler `max(1, rows_per_call // cfg.n)` at a time over all processes (each
-    sends its share; the KV cache is the same whatever the process count); the call starting at
-    question i draws with `fold_in(key, i)`. progress(questions_done_in_call) runs after each call.
+    "static": questions go to the sampler `max(1, rows_per_call // cfg.n)` at a time over all
+    processes (each sends its share; the KV cache is the same whatever the process count); the
+    call starting at question i draws with `fold_in(key, i)`. "continuous": one call with that
+    many questions' rows as decode slots, each row drawing with the key the static call holding
+    it would use. progress(questions_done) runs after each call.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: use one of {', '.join(ENGINES)}.")
     prompts = [hindsight.student_prompt(template, q) for q in questions]
     per_call = max(1, rows_per_call // (cfg.n * jax.process_count()))  # rows_per_call counts all processes
+    starts = range(0, len(prompts), per_call)
+    if engine == "continuous":
+        keys = jnp.concatenate([sampling.row_keys(jax.random.fold_in(key, i), len(prompts[i : i + per_call]) * cfg.n)
+                                for i in starts])
+        out, _ = sampling.generate_continuous(graphdef, params, prompts, keys, cfg, slots=min(per_call, len(prompts)) * cfg.n,
+                                                mesh=mesh)
+        if progress is not None:
+            progress(len(prompts))
+        return jax.device_get(out)
     chunks = []
-    for i in range(0, len(prompts), per_call):
+    for i in starts:
         part = prompts[i : i + per_call]
         chunks.append(sampling.generate(graphdef, params, part, jax.random.fold_in(key, i), cfg, mesh=mesh))
         if progress is not None:
             progress(len(part))
-    return jax.tree.map(lambda *parts: np.concatenate([sharding.global_to_host(p) for p in parts]), *chunks)
+    out = jax.tree.map(lambda *parts: np.concatenate([sharding.global_to_host(p) for p in parts]), *chunks)
+    return dataclasses.replace(out, prompt_index=np.repeat(np.arange(len(prompts), dtype=np.int32), cfg.n))
 
 
 def responses(rollouts: sampling.Rollouts) -> list[np.ndarray]:
@@ -145,8 +167,9 @@ def concat_groups(parts: Sequence[ScoredGroups]) -> ScoredGroups:
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """What sampling from a model needs: its graphdef and decode params, the chat template's
-    tokens, the tokenizer, the run's sampler settings, the rows per sampler call and the mesh.
-    Training's evaluation, --mode=eval and --mode=sample sample through it."""
+    tokens, the tokenizer, the run's sampler settings, the rows per sampler call, the mesh and the
+    sampling engine ("static" | "continuous"). Training's evaluation, --mode=eval and
+    --mode=sample sample through it."""
 
     graphdef: nnx.GraphDef
     params: nnx.State
@@ -155,9 +178,10 @@ class Policy:
     sampling_cfg: sampling.SamplingConfig
     rows_per_call: int
     mesh: jax.sharding.Mesh
+    engine: str
 
     def sample(self, questions: Sequence[np.ndarray], key: jax.Array, cfg: sampling.SamplingConfig | None = None,
                progress: Callable[[int], Any] | None = None) -> sampling.Rollouts:
         """`sample` of the questions with `cfg` (default the run's settings)."""
         return sample(self.graphdef, self.params, self.template, questions, key, cfg or self.sampling_cfg,
-                      rows_per_call=self.rows_per_call, mesh=self.mesh, progress=progress)
+                      rows_per_call=self.rows_per_call, mesh=self.mesh, engine=self.engine, progress=progress)

@@ -36,7 +36,8 @@ Sampling (`sample_tokens`), per row, with HF's order temperature -> top-k -> top
 Sharding: with a mesh, rows are split over the `batch` rule's axes and the KV cache's kv heads
 over the `kv_heads` rule's axes; parameters keep their own shardings (see `sampling_params`).
 
-Continuous batching (`generate_continuous`, single device): the same rows and results with a
+Continuous batching (`generate_continuous`, one process; on a mesh, slots are split like `generate`'s
+rows): the same rows and results with a
 fixed number of decode slots, for long-tailed lengths where the static loop keeps finished rows
 in the batch until the longest ends. A host loop alternates two jitted calls over one device
 state (slot cache [L, slots, T + M - 1, K, H], per-slot row / step / last token, outputs
@@ -44,7 +45,8 @@ state (slot cache [L, slots, T + M - 1, K, H], per-slot row / step / last token,
 [0, T), the count rounded up to a power of two) and draws their first token; `_decode_steps`
 runs up to `steps_per_call` decode steps for all slots, each slot writing its own cache slot
 (`KVCache.index` per row), and returns as soon as a slot frees while rows are pending. Row r's
-t-th token uses the key fold_in(fold_in(key, r), t) whichever slot holds it, so results do not
+t-th token uses the key fold_in(row_keys[r], t) whichever slot holds it (`row_keys`: fold_in(key, r)
+for one key, or given per row to reproduce several `generate` calls), so results do not
 depend on scheduling and equal `generate`'s (logprobs to float rounding: batch sizes differ).
 Attention reads a length-bucketed prefix of the cache (`_loop_on_prefix`, shared with the static
 engine's segments): each decode call slices the first `read_length` slots (prompt bucket + the
@@ -336,6 +338,12 @@ def check_counts(function: str, **counts: Any) -> None:
             raise ValueError(f"{function}: {name}={value!r}, use an int >= 1.")
 
 
+def row_keys(key: jax.Array, rows: int) -> jax.Array:
+    """The PRNG streams of `rows` rows sampled with `key` -> [rows] keys, fold_in(key, r); row r
+    draws its t-th token with fold_in(row_keys[r], t) in either engine."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(rows))
+
+
 def check_forced_lengths(forced_lengths: Sequence[int] | None, rows: int, config: SamplingConfig) -> np.ndarray | None:
     """forced_lengths as int32 [rows] (or None); ValueError naming the fix when unusable."""
     if forced_lengths is None:
@@ -447,10 +455,10 @@ def _generate(graphdef, params, tokens, pads, key, forced_lengths, config: Sampl
     batch = lambda x: _constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh, rules)
     groups = _row_groups(B, mesh, rules)
     eos = jnp.asarray(config.eos_ids or (-1,), jnp.int32)
-    row_keys = batch(jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B)))
+    keys_of_rows = batch(row_keys(key, B))
 
     def draw(logits, step):
-        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+        keys = jax.vmap(jax.random.fold_in, (0, None))(keys_of_rows, step)
         if forced_lengths is not None:
             logits = force_eos(logits, step, forced_lengths, config)
         return sample_tokens(logits, keys, config, groups)
@@ -592,16 +600,13 @@ def static_stats(rollouts: Rollouts) -> DecodeStats:
     return DecodeStats(len(lengths), int(lengths.max()) - 1, int((lengths - 1).sum()))
 
 
-def _row_step_keys(key: jax.Array, rows: jax.Array, steps: jax.Array) -> jax.Array:
-    """fold_in(fold_in(key, row), step) per slot, the static engine's stream for (row, step)."""
-    return jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.fold_in, (None, 0))(key, rows), steps)
-
-
-def _draw_rows(logits, key, rows, steps, forced_lengths, config: SamplingConfig):
-    """Token `steps[i]` of row `rows[i]` from logits [slots, V] -> (tokens, logprobs) [slots]."""
+def _draw_rows(logits, keys, rows, steps, forced_lengths, config: SamplingConfig, row_groups: int):
+    """Token `steps[i]` of row `rows[i]` from logits [slots, V] with the row's stream keys[rows[i]]
+    (keys [R]; a row index R is padding and clamps) -> (tokens, logprobs) [slots]."""
+    rows = jnp.minimum(rows, len(keys) - 1)
     if forced_lengths is not None:
-        logits = force_eos(logits, steps, forced_lengths[jnp.minimum(rows, len(forced_lengths) - 1)], config)
-    return sample_tokens(logits, _row_step_keys(key, rows, steps), config)
+        logits = force_eos(logits, steps, forced_lengths[rows], config)
+    return sample_tokens(logits, jax.vmap(jax.random.fold_in)(keys[rows], steps), config, row_groups)
 
 
 def _is_eos(token: jax.Array, config: SamplingConfig) -> jax.Array:
@@ -629,19 +634,40 @@ def _empty_state(model_config: qwen3.Qwen3Config, slots: int, rows: int, columns
     )
 
 
-def _prefill_slots(graphdef, params, state, key, slot_ids, rows, tokens, pads, forced_lengths, config: SamplingConfig):
+_SLOT_FIELDS = ("row", "step", "token", "ended", "prompt_length")
+
+
+def _state_shardings(state, mesh, rules) -> dict:
+    """Where the continuous engine's state lives on `mesh`: the cache as the static engine's
+    (slots over the batch axes, kv heads over the kv_heads axes), the slot fields [slots] over the
+    batch axes, the per-row outputs and counters replicated (small; rows land in them by scatter)."""
+    axes = {name: ("batch",) if name in _SLOT_FIELDS else (None,) * x.ndim for name, x in state.items() if name != "cache"}
+    axes["cache"] = qwen3.KVCache(k=CACHE_AXES, v=CACHE_AXES, segment_ids=("batch", "length"), index=())
+    return jax.tree.map(lambda x, names: sharding.named_sharding(x.shape, names, mesh, rules), state, axes)
+
+
+def _constrain_state(state, mesh, rules) -> dict:
+    """Inside jit: keeps the state in `_state_shardings` (so every call sees the same input layout)."""
+    return state if mesh is None else jax.lax.with_sharding_constraint(state, _state_shardings(state, mesh, rules))
+
+
+def _prefill_slots(graphdef, params, state, keys, slot_ids, rows, tokens, pads, forced_lengths, config: SamplingConfig,
+                   mesh, rules_items):
     """Prefills prompts tokens [p, T] (left-padded, pads [p]) of rows [p] into slots slot_ids [p]
-    and draws each row's first token. Entries with slot_ids = slots and rows = R are padding (dropped)."""
+    and draws each row's first token with its stream keys[row] (keys [R]). Entries with
+    slot_ids = slots and rows = R are padding (dropped)."""
+    rules = None if rules_items is None else dict(rules_items)
     model = nnx.merge(graphdef, params)
     T = tokens.shape[1]
-    logits, cache = _prefill(model, tokens, pads, config, None, None)
-    token, logprob = _draw_rows(logits, key, rows, jnp.zeros_like(rows), forced_lengths, config)
+    logits, cache = _prefill(model, tokens, pads, config, mesh, rules)
+    token, logprob = _draw_rows(logits, keys, rows, jnp.zeros_like(rows), forced_lengths, config,
+                                _row_groups(len(rows), mesh, rules))
     put = lambda a, x: a.at[slot_ids].set(x, mode="drop")
     put_row = lambda a, x: a.at[rows].set(x, mode="drop")
     full = state["cache"]
     columns = full.segment_ids.shape[1]
     ended = _is_eos(token, config)
-    return dict(
+    return _constrain_state(dict(
         state,
         cache=qwen3.KVCache(
             k=full.k.at[:, slot_ids, :T].set(cache.k.astype(full.k.dtype), mode="drop"),
@@ -655,17 +681,20 @@ def _prefill_slots(graphdef, params, state, key, slot_ids, rows, tokens, pads, f
         tokens=state["tokens"].at[rows, 0].set(token, mode="drop"),
         logprobs=state["logprobs"].at[rows, 0].set(logprob, mode="drop"),
         lengths=put_row(state["lengths"], 1), row_ended=put_row(state["row_ended"], ended),
-    )
+    ), mesh, rules)
 
 
-def _decode_steps(graphdef, params, state, key, refill, forced_lengths, config: SamplingConfig, steps: int, read: int):
+def _decode_steps(graphdef, params, state, keys, refill, forced_lengths, config: SamplingConfig, steps: int, read: int,
+                  mesh, rules_items):
     """Runs up to `steps` decode steps for all slots, reading and writing only the first `read`
     cache slots (the host picks `read` >= every busy slot's need). Stops early when no slot is
     busy, or when `refill` (rows are pending) and a slot has become free, so the host can refill it."""
+    rules = None if rules_items is None else dict(rules_items)
     model = nnx.merge(graphdef, params)
     rows, M = state["tokens"].shape
     T = state["cache"].segment_ids.shape[1] - M + 1  # prompt bucket
     slots = state["cache"].k.shape[1]
+    groups = _row_groups(slots, mesh, rules)
     ones = jnp.ones((slots, 1), jnp.int32)
 
     def step(carry):
@@ -674,7 +703,7 @@ def _decode_steps(graphdef, params, state, key, refill, forced_lengths, config: 
         positions = (s["prompt_length"] + s["step"] - 1)[:, None]
         index = jnp.minimum(T + s["step"] - 1, read - 1)  # only idle slots are clamped; their writes are never read
         hidden, cache = model(s["token"][:, None], positions, ones, dataclasses.replace(cache, index=index))
-        token, logprob = _draw_rows(model.logits(hidden[:, 0]), key, s["row"], s["step"], forced_lengths, config)
+        token, logprob = _draw_rows(model.logits(hidden[:, 0]), keys, s["row"], s["step"], forced_lengths, config, groups)
         target = jnp.where(live, s["row"], rows)  # rows = dropped
         ended = s["ended"] | (live & _is_eos(token, config))
         s = dict(
@@ -694,12 +723,14 @@ def _decode_steps(graphdef, params, state, key, refill, forced_lengths, config: 
 
     fields = {name: value for name, value in state.items() if name != "cache"}
     index = jnp.zeros((slots,), jnp.int32)  # set per step
-    (_, s), cache = _loop_on_prefix(state["cache"], read, index, running, step, (jnp.zeros((), jnp.int32), fields))
-    return dict(s, cache=cache)
+    (_, s), cache = _loop_on_prefix(state["cache"], read, index, running, step, (jnp.zeros((), jnp.int32), fields),
+                                    mesh, rules)
+    return _constrain_state(dict(s, cache=cache), mesh, rules)
 
 
-_prefill_slots_jit = jax.jit(_prefill_slots, static_argnames=("graphdef", "config"), donate_argnames="state")
-_decode_steps_jit = jax.jit(_decode_steps, static_argnames=("graphdef", "config", "steps", "read"),
+_prefill_slots_jit = jax.jit(_prefill_slots, static_argnames=("graphdef", "config", "mesh", "rules_items"),
+                             donate_argnames="state")
+_decode_steps_jit = jax.jit(_decode_steps, static_argnames=("graphdef", "config", "steps", "read", "mesh", "rules_items"),
                             donate_argnames="state")
 
 
@@ -713,26 +744,47 @@ def generate_continuous(
     steps_per_call: int = 8,
     read_buckets: int = 8,
     forced_lengths: Sequence[int] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: dict[str, tuple[str, ...]] | None = None,
 ) -> tuple[Rollouts, DecodeStats]:
     """`generate`'s rows and results with `slots` decode slots that are refilled as rows finish.
 
     The host loop: prefill pending rows into free slots (one jitted call, the count rounded up to
     a power of two), then run up to `steps_per_call` decode steps for all slots (one jitted call,
     which returns early once a slot frees while rows are pending), until every row is done. So
-    no slot idles while a row waits; slots idle only in the tail, once nothing is pending. Row r draws its t-th token with fold_in(fold_in(key, r), t), whichever
-    slot holds it, so tokens, logprobs, lengths and truncation equal `generate`'s for the same
-    key. Each decode call reads only the cache slots the busiest slot can reach in it (see
-    `read_length`; `read_buckets` trades compiled programs for slots read). Single device (no
-    mesh). forced_lengths: as in `generate`. Returns (Rollouts [P * n], DecodeStats).
+    no slot idles while a row waits; slots idle only in the tail, once nothing is pending.
+
+    key: one key, or [P * n] keys, one per row (`row_keys` of several `generate` calls' keys, to
+    reproduce them in one call). Row r draws its t-th token with fold_in(row key r, t), whichever
+    slot holds it, where a single key gives row keys `row_keys(key, P * n)`: so tokens, logprobs,
+    lengths and truncation equal `generate`'s for the same keys. Each decode call reads only the
+    cache slots the busiest slot can reach in it (see `read_length`; `read_buckets` trades
+    compiled programs for slots read). mesh: slots and the cache split as `generate`'s rows (by
+    `rules`, default SAMPLING_RULES); one process only. forced_lengths: as in `generate`.
+    Returns (Rollouts [P * n], DecodeStats).
     """
     model_config = nnx.merge(graphdef, params).config
     check_prompts(prompts, config, model_config)
     check_counts("generate_continuous", slots=slots, steps_per_call=steps_per_call, read_buckets=read_buckets)
+    if jax.process_count() > 1:
+        raise ValueError(f"generate_continuous runs in one process, not {jax.process_count()}: use `generate` "
+                         "(config.sampling.engine='static') on several hosts.")
     rows, n, M = len(prompts) * config.n, config.n, config.max_new_tokens
+    keys = key if jnp.ndim(key) == (1 if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else 2) else row_keys(key, rows)
+    if len(keys) != rows:
+        raise ValueError(f"generate_continuous: key holds {len(keys)} row keys for {rows} rows (P * n); pass one key "
+                         "or one per row.")
     forced = check_forced_lengths(forced_lengths, rows, config)
     T = prompt_bucket(max(len(p) for p in prompts), config.prompt_buckets)
     tokens, pads = left_pad(prompts, T, config.pad_id)
-    state = _empty_state(model_config, slots, rows, T + M - 1, config)
+    rules_items = None
+    if mesh is not None:
+        rules = SAMPLING_RULES if rules is None else rules
+        rules_items = tuple(sorted((k, tuple(v)) for k, v in rules.items()))
+    empty = lambda: _empty_state(model_config, slots, rows, T + M - 1, config)
+    placement = None if mesh is None else _state_shardings(jax.eval_shape(empty), mesh, rules)
+    state = jax.jit(empty, out_shardings=placement)()
+    options = dict(config=config, mesh=mesh, rules_items=rules_items)
     pending = list(range(rows))
     while True:
         row, step, ended = jax.device_get((state["row"], state["step"], state["ended"]))
@@ -745,15 +797,15 @@ def generate_continuous(
             slot_ids = np.full(width, slots, np.int32)
             slot_ids[:take] = free[:take]
             prompt_ids = np.where(new_rows < rows, new_rows // n, 0)
-            state = _prefill_slots_jit(graphdef, params, state, key, slot_ids, new_rows, tokens[prompt_ids],
-                                       pads[prompt_ids], forced, config=config)
+            state = _prefill_slots_jit(graphdef, params, state, keys, slot_ids, new_rows, tokens[prompt_ids],
+                                       pads[prompt_ids], forced, **options)
             continue
         busy = (row < rows) & ~ended & (step < M)
         if not busy.any():
             break
         read = read_length(T, int(step[busy].max()) + steps_per_call - 1, config, read_buckets)
-        state = _decode_steps_jit(graphdef, params, state, key, bool(pending), forced, config=config,
-                                  steps=steps_per_call, read=read)
+        state = _decode_steps_jit(graphdef, params, state, keys, bool(pending), forced, steps=steps_per_call, read=read,
+                                  **options)
     lengths = state["lengths"]
     out = Rollouts(tokens=state["tokens"], logprobs=state["logprobs"], lengths=lengths, truncated=~state["row_ended"],
                    prompt_index=jnp.arange(rows, dtype=jnp.int32) // n)

@@ -433,7 +433,8 @@ class Run:
         if fold is not None:
             key = jax.random.fold_in(key, fold)
         return rollout.sample(self.graphdef, params, self.template, questions, key, self.sampling_cfg,
-                              rows_per_call=self.config.sampling.rows_per_call, mesh=self.mesh)
+                              rows_per_call=self.config.sampling.rows_per_call, mesh=self.mesh,
+                              engine=self.config.sampling.engine)
 
     def collect(self, params, scorer: rewards.Scorer, times: dict[str, float]) -> tuple[rollout.ScoredGroups, int]:
         """This step's questions (this process's share of `data.questions_per_step`), G scored
@@ -556,7 +557,7 @@ class Run:
     def policy(self) -> rollout.Policy:
         """The current policy for sampling, with its decode params (`decode_params`)."""
         return rollout.Policy(self.graphdef, self.decode_params(), self.template, self.tokenizer, self.sampling_cfg,
-                              self.config.sampling.rows_per_call, self.mesh)
+                              self.config.sampling.rows_per_call, self.mesh, self.config.sampling.engine)
 
     def evaluate(self, scorer: rewards.Scorer) -> dict[str, float]:
         """The eval sets' metrics (`evaluate.evaluate`: `eval/<set>/avg@n`, ..., `eval/accuracy`)."""

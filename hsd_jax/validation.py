@@ -21,7 +21,7 @@ import uuid
 import jax
 import ml_collections
 
-from hsd_jax import data, evaluate, hindsight, losses, sharding
+from hsd_jax import data, evaluate, hindsight, losses, rollout, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +207,11 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
     _need(s.max_new_tokens >= 1, f"config.sampling.max_new_tokens={s.max_new_tokens} must be >= 1.")
     _need(s.group_size >= 2, f"config.sampling.group_size={s.group_size} must be >= 2: peers and group advantages need a group.")
     _need(s.decode_layout in ("tensor", "train"), f"config.sampling.decode_layout={s.decode_layout!r}: use 'tensor' or 'train'.")
+    _need(s.engine in rollout.ENGINES,
+          f"config.sampling.engine={s.engine!r}: use one of {', '.join(rollout.ENGINES)}.")
+    _need(s.engine == "static" or jax.process_count() == 1,
+          f"config.sampling.engine={s.engine!r} runs in one process, not {jax.process_count()}: "
+          "use 'static' on several hosts.")
     _need(s.rows_per_call >= s.group_size,
           f"config.sampling.rows_per_call={s.rows_per_call} must be >= sampling.group_size={s.group_size}.")
 

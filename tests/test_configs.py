@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from hsd_jax import losses, validation
@@ -147,6 +148,7 @@ def test_unknown_loss_name_is_rejected_with_the_choices(tmp_path):
     ("sampling__top_p", 0.0, "config.sampling.top_p"),
     ("sampling__temperature", 0.0, "config.sampling.temperature"),
     ("sampling__group_size", 1, "config.sampling.group_size=1"),
+    ("sampling__engine", "paged", "config.sampling.engine='paged': use one of static, continuous"),
     ("train__micro_batch", 7, "config.train.micro_batch=7"),
     ("mesh__shape", (3, 1, 1), "config.mesh.shape"),
     ("model__path", "/nonexistent/qwen", "config.model.path='/nonexistent/qwen'"),
@@ -164,6 +166,12 @@ def test_unknown_loss_name_is_rejected_with_the_choices(tmp_path):
 ])
 def test_bad_values_name_the_field(field, value, fragment, tmp_path):
     rejected(config_of(workdir=tmp_path, **{field: value}), fragment)
+
+
+def test_continuous_engine_is_rejected_on_several_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    rejected(config_of(workdir=tmp_path, sampling__engine="continuous", data__questions_per_step=4),
+             "config.sampling.engine='continuous' runs in one process, not 2")
 
 
 def test_teacher_losses_need_a_context(tmp_path):

@@ -15,10 +15,11 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hsd_jax import data, evaluate, reporting, trainer, warmup
+from hsd_jax import data, evaluate, reporting, rollout, trainer, warmup
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ("--config.data.toy_examples=64", "--config.data.questions_per_step=2", "--config.sampling.group_size=4",
@@ -160,8 +161,8 @@ def test_warm_up_trains_on_the_validated_rows_that_fit_its_buckets(quiet, tmp_pa
     run.warm_up()
     assert [r["question"] for r in used["rows"]] == [good[0]["question"], good[1]["question"]]
     assert used["steps"] == 2
-    warm = used["make_batch"](used["rows"])  # the rows it kept make a batch (2 rows each, as peers)
-    assert warm.response_tokens.shape[0] == 4
+    warm, teacher_mask = used["make_batch"](used["rows"])  # the rows it kept make a batch (3 rows each)
+    assert warm.response_tokens.shape[0] == 6 and teacher_mask.shape == warm.response_mask.shape
 
 
 def test_warm_up_without_solutions_names_the_missing_field(quiet, tmp_path, monkeypatch):
@@ -193,3 +194,36 @@ def test_a_run_starts_from_init_params_with_fresh_optimizer_state(quiet, tmp_pat
         np.testing.assert_array_equal(np.asarray(ref), want)
     for moment in jax.tree.leaves(run.state.opt_state):
         assert not np.asarray(moment).any()  # Adam's count and moments start at 0
+
+
+def test_continuous_engine_draws_and_trains_as_the_static_one(quiet, monkeypatch):
+    """Same seed, step and questions: `sampling.engine="continuous"` draws the static engine's
+    rollouts and a train step from them logs the same metrics. The mesh has 8 devices (slots split
+    over them); 4 questions at 8 rows per call are two static calls, whose row keys the one
+    continuous call (8 slots, refilled) reproduces."""
+    run = quiet
+    saved = jax.tree.map(jnp.copy, run.state)
+    batches = [next(run.data_iter), next(run.data_iter)]
+    questions = rollout.question_tokens(run.tokenizer, batches[0] + batches[1])
+    params = run.decode_params()
+    monkeypatch.setitem(run.config.sampling, "rows_per_call", 8)
+    drawn, metrics = {}, {}
+    scorer = lambda examples, completions, truncated: (  # a reward of the text itself: mixed groups
+        np.array([len(c) % 2 for c in completions], np.float32), [""] * len(completions))
+    for engine in ("static", "continuous"):
+        monkeypatch.setitem(run.config.sampling, "engine", engine)
+        run.state = jax.tree.map(jnp.copy, saved)  # the step's keys; the update donates the state it is given
+        drawn[engine] = run.sample(params, questions, trainer.STREAM_SAMPLE)
+        monkeypatch.setattr(run, "data_iter", iter(batches[:1]))
+        metrics[engine] = run.train_step(scorer)
+    static, continuous = drawn["static"], drawn["continuous"]
+    assert static.tokens.shape == (16, run.config.sampling.max_new_tokens)
+    assert len({tuple(row) for row in static.tokens}) > 8  # rows differ: the keys are per row and per call
+    np.testing.assert_array_equal(continuous.tokens, static.tokens)
+    np.testing.assert_array_equal(continuous.lengths, static.lengths)
+    np.testing.assert_array_equal(continuous.truncated, static.truncated)
+    for out in (static, continuous):
+        np.testing.assert_array_equal(out.prompt_index, np.arange(16) // 4)
+    np.testing.assert_allclose(continuous.logprobs, static.logprobs, atol=1e-5, rtol=0)
+    for key in DETERMINISTIC:
+        assert metrics["continuous"][key] == pytest.approx(metrics["static"][key], rel=1e-5, abs=1e-7), key
