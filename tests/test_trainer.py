@@ -136,55 +136,68 @@ def ppo_reference(s, cfg, advantages, schedule, learning_rate):
     """Float64 torch PPO: old log-probs from the initial policy, then one SGD step per entry of
     `schedule` (the rows of that minibatch) on the mean over its rows of the row objective:
     token ratio (GRPO): mean_t max(-A r_t, -A clip(r_t)); sequence ratio (GSPO): the same of
-    r = exp(mean_t(log p - log p_old)). Returns (final policy, clipped-token fraction per step)."""
+    r = exp(mean_t(log p - log p_old)); plus, with cfg.beta > 0, beta mean_t k3 to the reference
+    model s["ref"]. Returns (final policy, clipped-token fraction per step, mean k3 per step)."""
     policy = copy.deepcopy(s["policy"])
     prompts = [student_prompt(s, b) for b in range(len(s["responses"]))]
 
-    def row_logprobs(b):
+    def row_logprobs(model, b):
         response = s["responses"][b]
-        logp = response_logprobs(policy, prompts[b], response)
+        logp = response_logprobs(model, prompts[b], response)
         return logp[torch.arange(len(response)), torch.as_tensor(response, dtype=torch.long)]
 
     with torch.no_grad():
-        old = [row_logprobs(b) for b in range(len(prompts))]
-    clipped = []
+        old = [row_logprobs(policy, b) for b in range(len(prompts))]
+        ref = [row_logprobs(s["ref"], b) for b in range(len(prompts))]
+    clipped, kls = [], []
     for rows in schedule:
         policy.zero_grad()
-        losses_, flags = [], []
+        losses_, flags, row_kls = [], [], []
         for b in rows:
-            log_ratio = row_logprobs(b) - old[b]
+            logp = row_logprobs(policy, b)
+            log_ratio = logp - old[b]
             ratio = torch.exp(log_ratio.mean()) if cfg.ratio_level == "sequence" else torch.exp(log_ratio)
             a = float(advantages[b])
             unclipped, clip = -a * ratio, -a * torch.clamp(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high)
-            losses_.append(torch.maximum(unclipped, clip).mean())
+            d = ref[b] - logp
+            row_kls.append((torch.exp(d) - d - 1).mean())
+            losses_.append(torch.maximum(unclipped, clip).mean() + cfg.beta * row_kls[-1])
             flags.append(torch.broadcast_to(clip > unclipped, log_ratio.shape).double())
         torch.stack(losses_).mean().backward()
         with torch.no_grad():
             for p in policy.parameters():
                 p -= learning_rate * p.grad
         clipped.append(float(torch.cat(flags).mean()))
-    return policy, clipped
+        kls.append(float(torch.stack(row_kls).detach().mean()))
+    return policy, clipped, kls
 
 
-@pytest.mark.parametrize("name, minibatches, epochs", [("gspo", 2, 1), ("grpo", 2, 1), ("gspo", 1, 2)])
-def test_ppo_updates_after_the_first_follow_the_float64_clipped_objective(setup, name, minibatches, epochs):
+@pytest.mark.parametrize("name, minibatches, epochs, beta",
+                         [("gspo", 2, 1, 0.0), ("grpo", 2, 1, 0.0), ("gspo", 1, 2, 0.0), ("grpo", 2, 1, 0.5)])
+def test_ppo_updates_after_the_first_follow_the_float64_clipped_objective(setup, name, minibatches, epochs, beta):
     """Several optimizer steps per rollout batch: the ratio to the sampling policy (one forward
-    pass before the first step) leaves 1 and clipping acts, GSPO on the sequence ratio."""
+    pass before the first step) leaves 1 and clipping acts, GSPO on the sequence ratio. With a
+    reference KL (beta > 0) every step reads the reference model's log-probs of its own rows,
+    computed once before the first step."""
     s, learning_rate = setup, 0.3
-    cfg = losses.preset(name, beta=0.0, chunk_size=4, max_response_length=16)
+    cfg = losses.preset(name, beta=beta, chunk_size=4, max_response_length=16)
     advantages = np.array([0.9, -0.7, -1.1, 0.5, 0.3, -0.4, 1.2, -0.8], np.float32)
     train_batch = dataclasses.replace(s["batch"], advantages=advantages)
     rows = np.arange(8)
     schedule = [rows[k::minibatches] for k in range(minibatches)] * epochs  # minibatch k: rows k, k + K, ...
-    policy, clipped = ppo_reference(s, cfg, advantages, schedule, learning_rate)
+    policy, clipped, kls = ppo_reference(s, cfg, advantages, schedule, learning_rate)
     optimizer = optax.sgd(learning_rate)
     state = trainer.TrainState(jnp.zeros((), jnp.int32), s["params"], optimizer.init(s["params"]))
-    new, metrics, _ = update(state, None, train_batch, graphdef=s["graphdef"], optimizer=optimizer, cfg=cfg,
+    ref_params = s["ref_params"] if beta > 0 else None
+    new, metrics, _ = update(state, ref_params, train_batch, graphdef=s["graphdef"], optimizer=optimizer, cfg=cfg,
                              micro_batches=1, minibatches=minibatches, epochs=epochs)
 
     assert int(new.step) == 1 and float(metrics["optimizer_steps"]) == minibatches * epochs
     assert clipped[0] == 0 and clipped[-1] > 0  # the first step is on-policy; the ratio then leaves the band
     assert float(metrics["clip_frac"]) == pytest.approx(np.mean(clipped), abs=1e-6)
+    if beta > 0:
+        assert min(kls) > 1e-3  # the reference model differs: the KL term is not trivially 0
+        assert float(metrics["ref_kl"]) == pytest.approx(np.mean(kls), rel=1e-4)
     expected = {key: p.detach().numpy() for key, p in policy.named_parameters()}
     moved = max(np.abs(expected[k] - p.detach().numpy()).max() for k, p in s["policy"].named_parameters())
     assert moved > 1e-3
