@@ -355,6 +355,14 @@ def step_key(seed: int, stream: int, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream), step)
 
 
+def rollout_key(seed: int, step: int, refill: int) -> jax.Array:
+    """The sampling key of a step's question batch: the first (`refill` 0) draws from STREAM_SAMPLE,
+    DAPO's refill-th extra batch from STREAM_REFILL folded with `refill`."""
+    if refill:
+        return jax.random.fold_in(step_key(seed, STREAM_REFILL, step), refill)
+    return step_key(seed, STREAM_SAMPLE, step)
+
+
 def step_rng(seed: int, stream: int, step: int) -> np.random.Generator:
     """The host generator of `stream` at `step` (as `step_key`)."""
     return np.random.default_rng([seed, stream, step])
@@ -433,18 +441,11 @@ class Run:
         the training arrays themselves."""
         return decode_params(self.state.params, self.config.sampling.decode_layout, self.model_cfg, self.mesh)
 
-    def sample(self, params, questions: list[np.ndarray], stream: int, fold: int | None = None) -> sampling.Rollouts:
-        """G rollouts per question from `params`, with `stream`'s key at this step (folded with
-        `fold` when given)."""
-        key = step_key(self.config.seed, stream, int(self.state.step))
-        if fold is not None:
-            key = jax.random.fold_in(key, fold)
-        return rollout.sample(self.graphdef, params, self.template, questions, key, self.sampling_cfg,
-                              rows_per_call=self.config.sampling.rows_per_call, mesh=self.mesh)
-
-    def collect(self, params, scorer: rewards.Scorer, times: dict[str, float]) -> tuple[rollout.ScoredGroups, int]:
+    def collect(self, policy: rollout.Policy, scorer: rewards.Scorer,
+                times: dict[str, float]) -> tuple[rollout.ScoredGroups, int]:
         """This step's questions (this process's share of `data.questions_per_step`), G scored
-        rollouts each, and how many question batches were drawn after the first.
+        rollouts each from `policy` (keys: `rollout_key`), and how many question batches were drawn
+        after the first.
 
         With DAPO's dynamic sampling (`loss.drop_degenerate_groups`) the groups whose rewards are
         all equal are set aside and further question batches are drawn, each with its own key,
@@ -458,8 +459,7 @@ class Run:
             examples = next(self.data_iter)
             with timed(times, "sample_s"):
                 questions = rollout.question_tokens(self.tokenizer, examples)
-                stream, fold = (STREAM_REFILL, refills) if refills else (STREAM_SAMPLE, None)
-                rollouts = self.sample(params, questions, stream, fold=fold)
+                rollouts = policy.sample(questions, rollout_key(self.config.seed, int(self.state.step), refills))
             with timed(times, "score_s"):
                 rewards_, _ = rollout.score(scorer, self.tokenizer, examples, rollouts)
             scored = rollout.ScoredGroups(examples, questions, rollouts, rewards_, self.config.sampling.group_size)
@@ -480,9 +480,10 @@ class Run:
         G = self.config.sampling.group_size
         times = {}
         with timed(times, "reshard_s"):
-            params = jax.block_until_ready(self.decode_params())
-        scored, refills = self.collect(params, scorer, times)
-        del params  # one decode copy at a time: freed before the update
+            policy = self.policy()
+            jax.block_until_ready(policy.params)
+        scored, refills = self.collect(policy, scorer, times)
+        del policy  # one decode copy at a time: freed before the update
         examples, questions, rollouts, rewards_ = scored.examples, scored.questions, scored.rollouts, scored.rewards
         with timed(times, "build_s"):
             responses = rollout.responses(rollouts)

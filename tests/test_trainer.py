@@ -463,24 +463,39 @@ def test_sdpo_variant_keeps_an_ema_teacher_and_strips_demonstrations_think_block
 
 
 class ScriptedRun:
-    """What `trainer.Run.collect` reads of a run: question batches of 2 examples (ids 0, 1 | 2, 3 | ...)
-    and a sampler whose G = 4 rollouts of example i are tokens [i, i, i] with rewards GROUP_REWARDS[i]."""
+    """What `trainer.Run.collect` reads of a run at step STEP: question batches of 2 examples
+    (ids 0, 1 | 2, 3 | ...)."""
 
     GROUP_REWARDS = [[0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 1]]
+    SEED, STEP = 7, 3
 
     def __init__(self, name, max_refill_batches):
         self.loss_cfg = losses.preset(name)
-        self.config = ml_collections.ConfigDict(dict(train=dict(max_refill_batches=max_refill_batches),
+        self.config = ml_collections.ConfigDict(dict(seed=self.SEED, train=dict(max_refill_batches=max_refill_batches),
                                                      sampling=dict(group_size=G)))
+        self.state = trainer.TrainState(jnp.int32(self.STEP), None, None)
         self.data_iter = iter([[{"id": i}, {"id": i + 1}] for i in range(0, len(self.GROUP_REWARDS), 2)])
-        self.tokenizer, self.data_kind, self.calls = None, "math", []
+        self.tokenizer, self.data_kind = None, "math"
 
-    def sample(self, params, questions, stream, fold=None):
-        self.calls.append((stream, fold))
+
+class ScriptedPolicy:
+    """A sampler whose G = 4 rollouts of example i are tokens [i, i, i]; it records its keys."""
+
+    def __init__(self):
+        self.keys = []
+
+    def sample(self, questions, key):
+        self.keys.append(key)
         ids = np.repeat([int(q[0]) for q in questions], G)
         return sampling.Rollouts(tokens=np.repeat(ids[:, None], 3, 1), logprobs=np.zeros((len(ids), 3), np.float32),
                                  lengths=np.full(len(ids), 3), truncated=np.zeros(len(ids), bool),
                                  prompt_index=np.repeat(np.arange(len(questions)), G))
+
+
+def stream_key(stream, fold=None):
+    """The key of `stream` at ScriptedRun's seed and step, folded with `fold`, spelled out."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(ScriptedRun.SEED), stream), ScriptedRun.STEP)
+    return key if fold is None else jax.random.fold_in(key, fold)
 
 
 @pytest.mark.parametrize("name, limit, refills, kept, streams", [
@@ -490,13 +505,16 @@ class ScriptedRun:
 ], ids=["grpo", "dapo-refills-until-full", "dapo-stops-at-the-limit"])
 def test_dapo_dynamic_sampling_draws_question_batches_until_the_groups_are_mixed(monkeypatch, name, limit, refills,
                                                                                   kept, streams):
-    run = ScriptedRun(name, limit)
+    run, policy = ScriptedRun(name, limit), ScriptedPolicy()
     monkeypatch.setattr(trainer.rollout, "question_tokens", lambda tok, examples, kind="math": [np.array([ex["id"]]) for ex in examples])
     monkeypatch.setattr(trainer.rollout, "score", lambda scorer, tok, examples, rollouts: (
         np.array([r for ex in examples for r in ScriptedRun.GROUP_REWARDS[ex["id"]]], np.float32), None))
     times = {}
-    scored, drawn = trainer.Run.collect(run, None, None, times)
-    assert drawn == refills and run.calls == streams and set(times) == {"sample_s", "score_s"}
+    scored, drawn = trainer.Run.collect(run, policy, None, times)
+    assert drawn == refills and set(times) == {"sample_s", "score_s"}
+    assert len(policy.keys) == len(streams)
+    for key, (stream, fold) in zip(policy.keys, streams):
+        np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(stream_key(stream, fold)))
     assert [ex["id"] for ex in scored.examples] == kept
     np.testing.assert_array_equal(scored.rewards, [r for i in kept for r in ScriptedRun.GROUP_REWARDS[i]])
     np.testing.assert_array_equal(scored.rollouts.tokens[:, 0], np.repeat(kept, G))
