@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import fractions
 import json
 import logging
 import os
@@ -320,6 +321,15 @@ def prompt_dataset(paths: str | Sequence[str], kind: str, tokenizer: Any, **opti
     return mixture_dataset({kind: paths}, {kind: 1.0}, tokenizer, **options)
 
 
+def spread_kinds(parts: Sequence[Sequence[Any]]) -> list[Any]:
+    """The rows of `parts` (one list per kind) in one list with every kind spread evenly over it:
+    row i of a part of n rows sits at the fraction (2i + 1) / 2n of the list (ties keep the order of
+    the parts). So every contiguous slice holds its share of each kind to within one row with two
+    kinds (under two rows with three), and a single part comes back as it is."""
+    placed = [(fractions.Fraction(2 * i + 1, 2 * len(part)), k, i) for k, part in enumerate(parts) for i in range(len(part))]
+    return [parts[k][i] for _, k, i in sorted(placed)]
+
+
 def mixture_dataset(sources: Mapping[str, str | Sequence[str]], weights: Mapping[str, float], tokenizer: Any, *,
                     batch_size: int, max_prompt_len: int, seed: int = 0, num_epochs: int | None = None,
                     shuffle: bool = True, process_index: int | None = None, process_count: int | None = None,
@@ -329,11 +339,12 @@ def mixture_dataset(sources: Mapping[str, str | Sequence[str]], weights: Mapping
 
     `sources`: kind -> paths; `weights`: kind -> weight (the same kinds). Every global batch of
     `batch_size x process_count` examples holds `mixture_counts(weights, global size)` of each kind,
-    in the order of `sources`: the next ones of that kind's own stream (its `prompt_examples`
-    shuffled by `seed`, repeated for `num_epochs`; None: forever, reshuffled every epoch), so the
-    batches are a deterministic function of the seed and the step. The pipeline ends when the
-    first kind runs out. Each global batch is split into contiguous per-process slices (module
-    docstring). Returns the grain IterDataset (`iter()` it for a checkpointable iterator) and the
+    the next ones of that kind's own stream (its `prompt_examples` shuffled by `seed`, repeated for
+    `num_epochs`; None: forever, reshuffled every epoch), so the batches are a deterministic
+    function of the seed and the step. The kinds are spread evenly over the global batch
+    (`spread_kinds`; its order does not depend on the process count), which is split into
+    contiguous per-process slices (module docstring): each process gets its share of each kind
+    (within one row), and so of the code scoring. The pipeline ends when the first kind runs out. Returns the grain IterDataset (`iter()` it for a checkpointable iterator) and the
     load counts of all kinds. Raises ValueError if a kind has fewer examples than its share of
     one global batch, or gets no row at all.
     """
@@ -366,7 +377,7 @@ def mixture_dataset(sources: Mapping[str, str | Sequence[str]], weights: Mapping
             stream = stream.shuffle(seed=seed)
         streams.append(stream.repeat(num_epochs).batch(counts[kind], drop_remainder=True, batch_fn=list))
     start = process_index * batch_size
-    step_slice = lambda step: [ex for stream in streams for ex in stream[step]][start : start + batch_size]
+    step_slice = lambda step: spread_kinds([stream[step] for stream in streams])[start : start + batch_size]
     dataset = grain.MapDataset.range(min(len(stream) for stream in streams)).map(step_slice)
     # Examples are already in memory: read synchronously, no prefetch threads.
     return dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)), stats

@@ -9,8 +9,9 @@ The trainer modules are the only place that wires the pieces together (DESIGN.md
     trainer.py  config checks, model setup, `TrainState`, `update_step`, and `Run`:
                 rollout -> batch -> update -> log / checkpoint, and evaluation
 
-`update_step` (ONE jit) runs the teacher pass (stop-grad), the student pass (grad), the reference
-pass and the fused chunked loss, then the optax update. It is pure over a `TrainState` pytree and
+`update_step` (ONE jit) runs the reference pass (once per rollout batch, beside the old log-probs
+of PPO's ratio), then per micro-batch the teacher pass (stop-grad), the student pass (grad) and the
+fused chunked loss, then the optax update. It is pure over a `TrainState` pytree and
 accumulates gradients over micro-batches with `lax.scan`; every loss term is normalised by
 whole-batch denominators (`losses.loss_denominators`), so the result equals one big batch. A run
 resumes from the latest checkpoint in its workdir: params, optimizer state, step and the data
@@ -160,32 +161,27 @@ def decode_params(params, decode_layout: str, model_cfg: qwen3.Qwen3Config, mesh
 # ------------------------------------------------------------------------------------------------
 
 
-def micro_batch_loss(params, teacher_params, ref_params, batch: batch_lib.TrainBatch, old_logprobs, denominators,
+def micro_batch_loss(params, teacher_params, batch: batch_lib.TrainBatch, old_logprobs, ref_logprobs, denominators,
                      graphdef, cfg: losses.LossConfig):
     """HSD / GRPO-family loss of one micro-batch of b rows and its metrics.
 
     old_logprobs: [b, T_resp] log-probs of the policy that sampled the rows (the PPO ratio's
     denominator), or None when the update is the first and only one on these rows: the sampling
     policy is then the current one and the ratio is exactly 1 (its gradient A * grad log p, as in
-    on-policy GRPO). denominators: `losses.loss_denominators` of the rows one optimizer step
-    reads. The teacher pass (with `teacher_params`, stop-gradient) runs only when
-    `cfg.needs_teacher`, the reference pass only when `cfg.beta > 0`.
+    on-policy GRPO). ref_logprobs: [b, T_resp] the reference model's (`cfg.beta > 0`; computed
+    once per rollout batch by `policy_logprobs`), else None. denominators:
+    `losses.loss_denominators` of the rows one optimizer step reads. The teacher pass (with
+    `teacher_params`, stop-gradient) runs only when `cfg.needs_teacher`.
     Returns (loss, (metrics, credit [b, T_resp])), credit 0 without a teacher.
     """
     targets, mask = batch.response_tokens, batch.response_mask
     student = batch_lib.response_hidden(graphdef, params, batch.student)
     head = batch_lib.lm_head(graphdef, params)
-    chunked = dict(temperature=cfg.temperature, chunk_size=cfg.chunk_size)
     teacher = teacher_head = None
     if cfg.needs_teacher:
         teacher_params = jax.lax.stop_gradient(teacher_params)
         teacher = batch_lib.response_hidden(graphdef, teacher_params, batch.teacher)
         teacher_head = batch_lib.lm_head(graphdef, teacher_params)
-    ref_logprobs = None
-    if cfg.beta > 0:
-        ref = batch_lib.response_hidden(graphdef, ref_params, batch.student)
-        ref_logprobs, _ = losses.token_logprobs(ref, batch_lib.lm_head(graphdef, ref_params), targets, **chunked)
-        ref_logprobs = jax.lax.stop_gradient(ref_logprobs)
     inputs = losses.LossInputs(logprobs=None, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                advantages=batch.advantages, distill_mask=batch.distill_mask)
     loss, metrics, out = losses.chunked_objective(student, head, targets, inputs, cfg, teacher_hidden=teacher,
@@ -212,27 +208,30 @@ def join_rows(x: jax.Array) -> jax.Array:
     return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
 
-def policy_logprobs(params, batch: batch_lib.TrainBatch, *, graphdef, cfg: losses.LossConfig, micro_batches: int,
-                    mesh=None) -> jax.Array:
-    """log pi(o_t) [B, T_resp] of the rollout tokens under `params` (at the loss temperature, the
-    full distribution: not the sampler's top-p renormalised one), `micro_batches` rows at a time."""
+def policy_logprobs(param_sets: dict[str, Any], batch: batch_lib.TrainBatch, *, graphdef, cfg: losses.LossConfig,
+                    micro_batches: int, mesh=None) -> dict[str, jax.Array]:
+    """log pi(o_t) [B, T_resp] of the rollout tokens under each params of `param_sets` (name ->
+    params; at the loss temperature, the full distribution: not the sampler's top-p renormalised
+    one), one forward pass each, `micro_batches` rows at a time. Returns name -> log-probs."""
 
     def micro_logprobs(micro):
         micro = sharding.constrain_batch(micro, mesh)
-        hidden = batch_lib.response_hidden(graphdef, params, micro.student)
-        logprobs, _ = losses.token_logprobs(hidden, batch_lib.lm_head(graphdef, params), micro.response_tokens,
-                                            temperature=cfg.temperature, chunk_size=cfg.chunk_size)
+        logprobs = {}
+        for name, params in param_sets.items():
+            hidden = batch_lib.response_hidden(graphdef, params, micro.student)
+            logprobs[name], _ = losses.token_logprobs(hidden, batch_lib.lm_head(graphdef, params), micro.response_tokens,
+                                                      temperature=cfg.temperature, chunk_size=cfg.chunk_size)
         return logprobs
 
-    return join_rows(jax.lax.map(micro_logprobs, split_rows(batch, micro_batches)))
+    return jax.tree.map(join_rows, jax.lax.map(micro_logprobs, split_rows(batch, micro_batches)))
 
 
-def optimizer_step(state: TrainState, ref_params, batch: batch_lib.TrainBatch, old_logprobs, *, graphdef, optimizer,
-                   cfg: losses.LossConfig, micro_batches: int, mesh=None):
+def optimizer_step(state: TrainState, batch: batch_lib.TrainBatch, old_logprobs, ref_logprobs, *, graphdef,
+                   optimizer, cfg: losses.LossConfig, micro_batches: int, mesh=None):
     """One optimizer step on the rows of `batch`, accumulated over `micro_batches` (`split_rows`).
 
-    old_logprobs: [B, T_resp] (see `micro_batch_loss`) or None. Gradients accumulate in float32;
-    every term is normalised by the denominators of all the rows. A non-finite loss or gradient
+    old_logprobs, ref_logprobs: [B, T_resp] each (see `micro_batch_loss`) or None. Gradients
+    accumulate in float32; every term is normalised by the denominators of all the rows. A non-finite loss or gradient
     never reaches the parameters: the update is skipped (params and optimizer state stay as they
     were, bit for bit) and metrics["update_skipped"] is 1. The teacher reads the current params,
     or the EMA teacher's, which then moves toward the updated params:
@@ -244,13 +243,14 @@ def optimizer_step(state: TrainState, ref_params, batch: batch_lib.TrainBatch, o
     grad_fn = jax.grad(micro_batch_loss, has_aux=True)
 
     def accumulate(grads, micro):
-        micro_batch, micro_old = sharding.constrain_batch(micro, mesh)
-        g, (metrics, credit) = grad_fn(state.params, teacher_params, ref_params, micro_batch, micro_old, denominators,
+        micro_batch, micro_old, micro_ref = sharding.constrain_batch(micro, mesh)
+        g, (metrics, credit) = grad_fn(state.params, teacher_params, micro_batch, micro_old, micro_ref, denominators,
                                        graphdef, cfg)
         return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), (metrics, credit)
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    grads, (metrics, credit) = jax.lax.scan(accumulate, zeros, split_rows((batch, old_logprobs), micro_batches))
+    micro = split_rows((batch, old_logprobs, ref_logprobs), micro_batches)
+    grads, (metrics, credit) = jax.lax.scan(accumulate, zeros, micro)
     metrics = {k: v.sum() if k in ADDITIVE_METRICS else v.mean() for k, v in metrics.items()}
     metrics["grad_norm"] = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
@@ -289,20 +289,27 @@ def update_step(
     With more (PPO, GSPO and DAPO as published), the log-probs of the policy that sampled the
     rows are computed first by one forward pass (`policy_logprobs`), and the ratio, its clipping,
     DAPO's clip-higher, the dual clip and GSPO's sequence ratio act on every later step.
+    With a reference KL (`cfg.beta > 0`) the reference model's log-probs are computed once, by
+    one forward pass of `ref_params` in the same `policy_logprobs`, and every step reads them.
     Metrics are means over the optimizer steps (`update_skipped`: 1 if any step was skipped);
     `optimizer_steps` counts them. The train state's step advances by one.
     Returns (new state, metrics, per-token credit [B, T_resp] of the first epoch, in row order).
     """
     step_options = dict(graphdef=graphdef, optimizer=optimizer, cfg=cfg, micro_batches=micro_batches, mesh=mesh)
-    if minibatches * epochs == 1:
-        new_state, metrics, credit = optimizer_step(state, ref_params, batch, None, **step_options)
+    one_step = minibatches * epochs == 1
+    param_sets = {} if one_step else {"old": state.params}
+    if cfg.beta > 0:
+        param_sets["ref"] = ref_params
+    logprobs = policy_logprobs(param_sets, batch, graphdef=graphdef, cfg=cfg, micro_batches=micro_batches * minibatches,
+                               mesh=mesh) if param_sets else {}
+    old_logprobs, ref_logprobs = logprobs.get("old"), logprobs.get("ref")
+    if one_step:
+        new_state, metrics, credit = optimizer_step(state, batch, None, ref_logprobs, **step_options)
     else:
-        old_logprobs = policy_logprobs(state.params, batch, graphdef=graphdef, cfg=cfg,
-                                       micro_batches=micro_batches * minibatches, mesh=mesh)
-        parts = split_rows((batch, old_logprobs), minibatches)
+        parts = split_rows((batch, old_logprobs, ref_logprobs), minibatches)
 
         def minibatch_step(state, part):
-            new_state, metrics, credit = optimizer_step(state, ref_params, *part, **step_options)
+            new_state, metrics, credit = optimizer_step(state, *part, **step_options)
             return new_state, (metrics, credit)
 
         def epoch(state, _):
@@ -346,6 +353,14 @@ def init_state(params, optimizer: optax.GradientTransformation, ema_teacher: boo
 def step_key(seed: int, stream: int, step: int) -> jax.Array:
     """The PRNG key of `stream` at `step`: a resumed run draws what an uninterrupted one would."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream), step)
+
+
+def rollout_key(seed: int, step: int, refill: int) -> jax.Array:
+    """The sampling key of a step's question batch: the first (`refill` 0) draws from STREAM_SAMPLE,
+    DAPO's refill-th extra batch from STREAM_REFILL folded with `refill`."""
+    if refill:
+        return jax.random.fold_in(step_key(seed, STREAM_REFILL, step), refill)
+    return step_key(seed, STREAM_SAMPLE, step)
 
 
 def step_rng(seed: int, stream: int, step: int) -> np.random.Generator:
@@ -426,19 +441,11 @@ class Run:
         the training arrays themselves."""
         return decode_params(self.state.params, self.config.sampling.decode_layout, self.model_cfg, self.mesh)
 
-    def sample(self, params, questions: list[np.ndarray], stream: int, fold: int | None = None) -> sampling.Rollouts:
-        """G rollouts per question from `params`, with `stream`'s key at this step (folded with
-        `fold` when given)."""
-        key = step_key(self.config.seed, stream, int(self.state.step))
-        if fold is not None:
-            key = jax.random.fold_in(key, fold)
-        return rollout.sample(self.graphdef, params, self.template, questions, key, self.sampling_cfg,
-                              rows_per_call=self.config.sampling.rows_per_call, mesh=self.mesh,
-                              engine=self.config.sampling.engine)
-
-    def collect(self, params, scorer: rewards.Scorer, times: dict[str, float]) -> tuple[rollout.ScoredGroups, int]:
+    def collect(self, policy: rollout.Policy, scorer: rewards.Scorer,
+                times: dict[str, float]) -> tuple[rollout.ScoredGroups, int]:
         """This step's questions (this process's share of `data.questions_per_step`), G scored
-        rollouts each, and how many question batches were drawn after the first.
+        rollouts each from `policy` (keys: `rollout_key`), and how many question batches were drawn
+        after the first.
 
         With DAPO's dynamic sampling (`loss.drop_degenerate_groups`) the groups whose rewards are
         all equal are set aside and further question batches are drawn, each with its own key,
@@ -452,8 +459,7 @@ class Run:
             examples = next(self.data_iter)
             with timed(times, "sample_s"):
                 questions = rollout.question_tokens(self.tokenizer, examples)
-                stream, fold = (STREAM_REFILL, refills) if refills else (STREAM_SAMPLE, None)
-                rollouts = self.sample(params, questions, stream, fold=fold)
+                rollouts = policy.sample(questions, rollout_key(self.config.seed, int(self.state.step), refills))
             with timed(times, "score_s"):
                 rewards_, _ = rollout.score(scorer, self.tokenizer, examples, rollouts)
             scored = rollout.ScoredGroups(examples, questions, rollouts, rewards_, self.config.sampling.group_size)
@@ -474,9 +480,10 @@ class Run:
         G = self.config.sampling.group_size
         times = {}
         with timed(times, "reshard_s"):
-            params = jax.block_until_ready(self.decode_params())
-        scored, refills = self.collect(params, scorer, times)
-        del params  # one decode copy at a time: freed before the update
+            policy = self.policy()
+            jax.block_until_ready(policy.params)
+        scored, refills = self.collect(policy, scorer, times)
+        del policy  # one decode copy at a time: freed before the update
         examples, questions, rollouts, rewards_ = scored.examples, scored.questions, scored.rollouts, scored.rewards
         with timed(times, "build_s"):
             responses = rollout.responses(rollouts)

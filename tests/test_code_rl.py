@@ -210,16 +210,17 @@ def test_mixture_steps_hold_each_kinds_share_from_its_own_stream(toy_sources):
 
     tokenizer, sources = toy_sources
     batches, _ = mixture_batches(toy_sources, 9)  # code: 7 rows, one per step: crosses an epoch
-    assert all([ex["kind"] for ex in batch] == ["math"] * 4 + ["code"] for batch in batches)
+    # the code row in the middle: math rows at fractions 1/8, 3/8, 5/8, 7/8 of the batch, code at 1/2
+    assert all([ex["kind"] for ex in batch] == ["math", "math", "code", "math", "math"] for batch in batches)
     # each kind's rows are the batches of its own single-kind pipeline with the same seed
-    for kind, size, rows in (("math", 4, slice(0, 4)), ("code", 1, slice(4, 5))):
+    for kind, size in (("math", 4), ("code", 1)):
         alone, _ = data.prompt_dataset(sources[kind], kind, tokenizer, batch_size=size, max_prompt_len=512, seed=5,
                                        process_index=0, process_count=1)
         alone = iter(alone)
-        assert [batch[rows] for batch in batches] == [next(alone) for _ in batches]
-    code_questions = [batch[4]["question"] for batch in batches]
+        assert [[ex for ex in batch if ex["kind"] == kind] for batch in batches] == [next(alone) for _ in batches]
+    code_questions = [batch[2]["question"] for batch in batches]
     assert len(set(code_questions[:7])) == 7 and set(code_questions[7:]) <= set(code_questions[:7])
-    assert batches[0][4]["prompt"].count("```python code block") == 1  # each row's kind instruction
+    assert batches[0][2]["prompt"].count("```python code block") == 1  # each row's kind instruction
     assert "\\boxed{}" in batches[0][0]["prompt"]
 
 
@@ -237,7 +238,17 @@ def test_mixture_is_deterministic_resumable_and_split_over_processes(toy_sources
     single, _ = mixture_batches(toy_sources, 3, batch_size=6)  # 6 at 4:1 -> 5 math (4.8) + 1 code (1.2)
     halves = [mixture_batches(toy_sources, 3, batch_size=3, process_index=p, process_count=2)[0] for p in (0, 1)]
     assert [a + b for a, b in zip(*halves)] == single
-    assert [ex["kind"] for ex in single[0]] == ["math"] * 5 + ["code"]
+    assert [ex["kind"] for ex in single[0]] == ["math"] * 3 + ["code"] + ["math"] * 2  # code at 1/2 ties math's 5/10
+
+
+def test_mixture_gives_every_process_its_share_of_each_kind(toy_sources):
+    """10 rows at 4:1 over two processes: 8 math + 2 code, one code row on each process (the code
+    scoring is split too), and the halves are the single process's batch."""
+    single, _ = mixture_batches(toy_sources, 3, batch_size=10)
+    halves = [mixture_batches(toy_sources, 3, batch_size=5, process_index=p, process_count=2)[0] for p in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == single
+    for half in halves:
+        assert all(sorted(ex["kind"] for ex in batch) == ["code"] + ["math"] * 4 for batch in half)
 
 
 def test_mixture_errors_name_the_kind(toy_sources):
@@ -293,7 +304,7 @@ def test_a_toy_mixture_trains_end_to_end_with_each_row_scored_by_its_kind(mixed_
     run.train()
     assert [row["step"] for row in reporting.read_metrics(f"{run.workdir}/metrics.jsonl")] == [1]
     assert (mixed_run.checkpointer.manager.directory / "1").is_dir()
-    assert [(kinds, rows) for kinds, rows, _ in scored] == [(("toy", "code"), ["math"] * 4 + ["code"])]
+    assert [(kinds, rows) for kinds, rows, _ in scored] == [(("toy", "code"), ["math", "math", "code", "math", "math"])]
     assert len(scored[0][2]) == 10  # G = 2 rollouts per question
     code_references = [text for kind, text in references if kind == "code"]
     assert len(code_references) == 1  # the step's code row

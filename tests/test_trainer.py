@@ -137,55 +137,68 @@ def ppo_reference(s, cfg, advantages, schedule, learning_rate):
     """Float64 torch PPO: old log-probs from the initial policy, then one SGD step per entry of
     `schedule` (the rows of that minibatch) on the mean over its rows of the row objective:
     token ratio (GRPO): mean_t max(-A r_t, -A clip(r_t)); sequence ratio (GSPO): the same of
-    r = exp(mean_t(log p - log p_old)). Returns (final policy, clipped-token fraction per step)."""
+    r = exp(mean_t(log p - log p_old)); plus, with cfg.beta > 0, beta mean_t k3 to the reference
+    model s["ref"]. Returns (final policy, clipped-token fraction per step, mean k3 per step)."""
     policy = copy.deepcopy(s["policy"])
     prompts = [student_prompt(s, b) for b in range(len(s["responses"]))]
 
-    def row_logprobs(b):
+    def row_logprobs(model, b):
         response = s["responses"][b]
-        logp = response_logprobs(policy, prompts[b], response)
+        logp = response_logprobs(model, prompts[b], response)
         return logp[torch.arange(len(response)), torch.as_tensor(response, dtype=torch.long)]
 
     with torch.no_grad():
-        old = [row_logprobs(b) for b in range(len(prompts))]
-    clipped = []
+        old = [row_logprobs(policy, b) for b in range(len(prompts))]
+        ref = [row_logprobs(s["ref"], b) for b in range(len(prompts))]
+    clipped, kls = [], []
     for rows in schedule:
         policy.zero_grad()
-        losses_, flags = [], []
+        losses_, flags, row_kls = [], [], []
         for b in rows:
-            log_ratio = row_logprobs(b) - old[b]
+            logp = row_logprobs(policy, b)
+            log_ratio = logp - old[b]
             ratio = torch.exp(log_ratio.mean()) if cfg.ratio_level == "sequence" else torch.exp(log_ratio)
             a = float(advantages[b])
             unclipped, clip = -a * ratio, -a * torch.clamp(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high)
-            losses_.append(torch.maximum(unclipped, clip).mean())
+            d = ref[b] - logp
+            row_kls.append((torch.exp(d) - d - 1).mean())
+            losses_.append(torch.maximum(unclipped, clip).mean() + cfg.beta * row_kls[-1])
             flags.append(torch.broadcast_to(clip > unclipped, log_ratio.shape).double())
         torch.stack(losses_).mean().backward()
         with torch.no_grad():
             for p in policy.parameters():
                 p -= learning_rate * p.grad
         clipped.append(float(torch.cat(flags).mean()))
-    return policy, clipped
+        kls.append(float(torch.stack(row_kls).detach().mean()))
+    return policy, clipped, kls
 
 
-@pytest.mark.parametrize("name, minibatches, epochs", [("gspo", 2, 1), ("grpo", 2, 1), ("gspo", 1, 2)])
-def test_ppo_updates_after_the_first_follow_the_float64_clipped_objective(setup, name, minibatches, epochs):
+@pytest.mark.parametrize("name, minibatches, epochs, beta",
+                         [("gspo", 2, 1, 0.0), ("grpo", 2, 1, 0.0), ("gspo", 1, 2, 0.0), ("grpo", 2, 1, 0.5)])
+def test_ppo_updates_after_the_first_follow_the_float64_clipped_objective(setup, name, minibatches, epochs, beta):
     """Several optimizer steps per rollout batch: the ratio to the sampling policy (one forward
-    pass before the first step) leaves 1 and clipping acts, GSPO on the sequence ratio."""
+    pass before the first step) leaves 1 and clipping acts, GSPO on the sequence ratio. With a
+    reference KL (beta > 0) every step reads the reference model's log-probs of its own rows,
+    computed once before the first step."""
     s, learning_rate = setup, 0.3
-    cfg = losses.preset(name, beta=0.0, chunk_size=4, max_response_length=16)
+    cfg = losses.preset(name, beta=beta, chunk_size=4, max_response_length=16)
     advantages = np.array([0.9, -0.7, -1.1, 0.5, 0.3, -0.4, 1.2, -0.8], np.float32)
     train_batch = dataclasses.replace(s["batch"], advantages=advantages)
     rows = np.arange(8)
     schedule = [rows[k::minibatches] for k in range(minibatches)] * epochs  # minibatch k: rows k, k + K, ...
-    policy, clipped = ppo_reference(s, cfg, advantages, schedule, learning_rate)
+    policy, clipped, kls = ppo_reference(s, cfg, advantages, schedule, learning_rate)
     optimizer = optax.sgd(learning_rate)
     state = trainer.TrainState(jnp.zeros((), jnp.int32), s["params"], optimizer.init(s["params"]))
-    new, metrics, _ = update(state, None, train_batch, graphdef=s["graphdef"], optimizer=optimizer, cfg=cfg,
+    ref_params = s["ref_params"] if beta > 0 else None
+    new, metrics, _ = update(state, ref_params, train_batch, graphdef=s["graphdef"], optimizer=optimizer, cfg=cfg,
                              micro_batches=1, minibatches=minibatches, epochs=epochs)
 
     assert int(new.step) == 1 and float(metrics["optimizer_steps"]) == minibatches * epochs
     assert clipped[0] == 0 and clipped[-1] > 0  # the first step is on-policy; the ratio then leaves the band
     assert float(metrics["clip_frac"]) == pytest.approx(np.mean(clipped), abs=1e-6)
+    if beta > 0:
+        assert min(kls) > 1e-3  # the reference model differs: the KL term is not trivially 0
+        assert float(metrics["ref_kl"]) == pytest.approx(np.mean(kls), rel=1e-4)
     expected = {key: p.detach().numpy() for key, p in policy.named_parameters()}
     moved = max(np.abs(expected[k] - p.detach().numpy()).max() for k, p in s["policy"].named_parameters())
     assert moved > 1e-3
@@ -489,24 +502,39 @@ def test_sdpo_variant_keeps_an_ema_teacher_and_strips_demonstrations_think_block
 
 
 class ScriptedRun:
-    """What `trainer.Run.collect` reads of a run: question batches of 2 examples (ids 0, 1 | 2, 3 | ...)
-    and a sampler whose G = 4 rollouts of example i are tokens [i, i, i] with rewards GROUP_REWARDS[i]."""
+    """What `trainer.Run.collect` reads of a run at step STEP: question batches of 2 examples
+    (ids 0, 1 | 2, 3 | ...)."""
 
     GROUP_REWARDS = [[0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 1]]
+    SEED, STEP = 7, 3
 
     def __init__(self, name, max_refill_batches):
         self.loss_cfg = losses.preset(name)
-        self.config = ml_collections.ConfigDict(dict(train=dict(max_refill_batches=max_refill_batches),
+        self.config = ml_collections.ConfigDict(dict(seed=self.SEED, train=dict(max_refill_batches=max_refill_batches),
                                                      sampling=dict(group_size=G)))
+        self.state = trainer.TrainState(jnp.int32(self.STEP), None, None)
         self.data_iter = iter([[{"id": i}, {"id": i + 1}] for i in range(0, len(self.GROUP_REWARDS), 2)])
-        self.tokenizer, self.data_kind, self.calls = None, "math", []
+        self.tokenizer, self.data_kind = None, "math"
 
-    def sample(self, params, questions, stream, fold=None):
-        self.calls.append((stream, fold))
+
+class ScriptedPolicy:
+    """A sampler whose G = 4 rollouts of example i are tokens [i, i, i]; it records its keys."""
+
+    def __init__(self):
+        self.keys = []
+
+    def sample(self, questions, key):
+        self.keys.append(key)
         ids = np.repeat([int(q[0]) for q in questions], G)
         return sampling.Rollouts(tokens=np.repeat(ids[:, None], 3, 1), logprobs=np.zeros((len(ids), 3), np.float32),
                                  lengths=np.full(len(ids), 3), truncated=np.zeros(len(ids), bool),
                                  prompt_index=np.repeat(np.arange(len(questions)), G))
+
+
+def stream_key(stream, fold=None):
+    """The key of `stream` at ScriptedRun's seed and step, folded with `fold`, spelled out."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(ScriptedRun.SEED), stream), ScriptedRun.STEP)
+    return key if fold is None else jax.random.fold_in(key, fold)
 
 
 @pytest.mark.parametrize("name, limit, refills, kept, streams", [
@@ -516,13 +544,16 @@ class ScriptedRun:
 ], ids=["grpo", "dapo-refills-until-full", "dapo-stops-at-the-limit"])
 def test_dapo_dynamic_sampling_draws_question_batches_until_the_groups_are_mixed(monkeypatch, name, limit, refills,
                                                                                   kept, streams):
-    run = ScriptedRun(name, limit)
+    run, policy = ScriptedRun(name, limit), ScriptedPolicy()
     monkeypatch.setattr(trainer.rollout, "question_tokens", lambda tok, examples, kind="math": [np.array([ex["id"]]) for ex in examples])
     monkeypatch.setattr(trainer.rollout, "score", lambda scorer, tok, examples, rollouts: (
         np.array([r for ex in examples for r in ScriptedRun.GROUP_REWARDS[ex["id"]]], np.float32), None))
     times = {}
-    scored, drawn = trainer.Run.collect(run, None, None, times)
-    assert drawn == refills and run.calls == streams and set(times) == {"sample_s", "score_s"}
+    scored, drawn = trainer.Run.collect(run, policy, None, times)
+    assert drawn == refills and set(times) == {"sample_s", "score_s"}
+    assert len(policy.keys) == len(streams)
+    for key, (stream, fold) in zip(policy.keys, streams):
+        np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(stream_key(stream, fold)))
     assert [ex["id"] for ex in scored.examples] == kept
     np.testing.assert_array_equal(scored.rewards, [r for i in kept for r in ScriptedRun.GROUP_REWARDS[i]])
     np.testing.assert_array_equal(scored.rollouts.tokens[:, 0], np.repeat(kept, G))

@@ -205,7 +205,6 @@ def test_continuous_engine_draws_and_trains_as_the_static_one(quiet, monkeypatch
     saved = jax.tree.map(jnp.copy, run.state)
     batches = [next(run.data_iter), next(run.data_iter)]
     questions = rollout.question_tokens(run.tokenizer, batches[0] + batches[1])
-    params = run.decode_params()
     monkeypatch.setitem(run.config.sampling, "rows_per_call", 8)
     drawn, metrics = {}, {}
     scorer = lambda examples, completions, truncated: (  # a reward of the text itself: mixed groups
@@ -213,7 +212,7 @@ def test_continuous_engine_draws_and_trains_as_the_static_one(quiet, monkeypatch
     for engine in ("static", "continuous"):
         monkeypatch.setitem(run.config.sampling, "engine", engine)
         run.state = jax.tree.map(jnp.copy, saved)  # the step's keys; the update donates the state it is given
-        drawn[engine] = run.sample(params, questions, trainer.STREAM_SAMPLE)
+        drawn[engine] = run.policy().sample(questions, trainer.rollout_key(run.config.seed, int(run.state.step), 0))
         monkeypatch.setattr(run, "data_iter", iter(batches[:1]))
         metrics[engine] = run.train_step(scorer)
     static, continuous = drawn["static"], drawn["continuous"]
