@@ -389,7 +389,7 @@ TOY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 TOY_THINK_TOKENS = ("<think>", "</think>")
 # Whole phrases of the toy prompts, solutions and teacher template as single tokens: the toy
 # task's rows stay short (the tiny model's steps cost what its tokens cost).
-TOY_PHRASES = (MATH_INSTRUCTION, "What is ", " mod 10?", "The answer is \\boxed{", "user\n", "assistant\n",
+TOY_PHRASES = (MATH_INSTRUCTION, "Follow ", " arrows from ", "The answer is \\boxed{", "user\n", "assistant\n",
                "\nAnswer: ", "\nSolution:\n")
 _TOY_WORDS = ("What", "is", "the", "answer", "The", "boxed", "Please", "reason", "step", "by",
               "and", "put", "your", "final", "within", "user", "assistant", "system")
@@ -404,58 +404,52 @@ TOY_CHAT_TEMPLATE = (
     "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
 
 
-TOY_MODULUS = 10
+TOY_SYMBOLS = "123456"
 TOY_MOVES = 4
 TOY_EVAL_SHARE = 10  # one question in TOY_EVAL_SHARE belongs to the held-out split
-TOY_QUESTION = re.compile(r"What is (\d)((?:[+-]\d)+) mod \d+\?")
+TOY_QUESTION = re.compile(r"Follow (\d+) arrows from (\d): ((?:\d>\d ?)+)\.")
 
 
-def toy_lines(start: int, moves: Sequence[str], results: Sequence[int]) -> str:
-    """The worked walk: after move k, a line of the value reached and the moves left, right-aligned
-    to the width of the expression ("3+4-2+7-1" -> "  7-2+7-1", "    5+7-1", ...), then the boxed
-    answer. Every line is as wide as the last, so each digit sits right under what it comes from:
-    a result under its move, a move left under itself."""
-    width = 2 * len(moves) + 1
-    lines = ["".join([str(value), *moves[k + 1:]]).rjust(width) for k, value in enumerate(results)]
-    return "\n".join(lines) + f"\nThe answer is \\boxed{{{results[-1] if results else start}}}."
-
-
-def toy_walk(start: int, moves: Sequence[str]) -> list[int]:
-    """The values a walk from `start` reaches, one per move ("+4", "-2", ...), mod `TOY_MODULUS`."""
-    values, value = [], start
-    for move in moves:
-        value = (value + int(move)) % TOY_MODULUS
-        values.append(value)
-    return values
+def toy_lines(start: str, ends: Sequence[str]) -> str:
+    """The worked walk: one arrow per line, from where the walk stands to where it goes ("3>1",
+    "1>4", ...), then the boxed end."""
+    lines = [f"{a}>{b}" for a, b in zip([start, *ends], ends)]
+    return "\n".join(lines) + f"\nThe answer is \\boxed{{{ends[-1]}}}."
 
 
 def toy_problem(rng: random.Random) -> dict:
-    """One dial walk `{question, answer, solution}`: a start digit and `TOY_MOVES` moves of +-1..9
-    on a dial of `TOY_MODULUS` digits, e.g. "What is 3+4-2+7-1 mod 10?". The solution
-    (`toy_lines`) makes one move per line, a path of single-digit results whose first wrong
-    digit is where a failed walk leaves a correct one."""
-    start = rng.randrange(TOY_MODULUS)
-    moves = [rng.choice("+-") + str(rng.randint(1, TOY_MODULUS - 1)) for _ in range(TOY_MOVES)]
-    values = toy_walk(start, moves)
-    return {"question": f"What is {start}{''.join(moves)} mod {TOY_MODULUS}?", "answer": str(values[-1]),
-            "solution": toy_lines(start, moves, values)}
+    """One arrow walk `{question, answer, solution}`: a table of arrows, one from each of the
+    symbols 1-6 to another (a random derangement), a start and `TOY_MOVES` arrows to follow, e.g. "Follow 4
+    arrows from 3: 1>4 2>6 3>1 4>5 5>2 6>3.". The solution (`toy_lines`) follows one arrow per
+    line: a path of lookups (no arithmetic) whose first wrong symbol is where a failed walk leaves
+    a correct one."""
+    targets = list(TOY_SYMBOLS)
+    while any(a == b for a, b in zip(TOY_SYMBOLS, targets)):  # every arrow leaves its symbol
+        rng.shuffle(targets)
+    arrows = dict(zip(TOY_SYMBOLS, targets))
+    start, ends = rng.choice(TOY_SYMBOLS), []
+    for _ in range(TOY_MOVES):
+        ends.append(arrows[ends[-1] if ends else start])
+    table = " ".join(f"{a}>{b}" for a, b in arrows.items())
+    return {"question": f"Follow {TOY_MOVES} arrows from {start}: {table}.", "answer": ends[-1],
+            "solution": toy_lines(start, ends)}
 
 
 def toy_slip(question: str, rate: float, rng: np.random.Generator) -> tuple[str, int | None]:
-    """The solution of a toy `question` as a solver that knows every step but slips writes it:
-    each line's result is a uniformly drawn wrong digit with probability `rate`, and later lines
-    (and the boxed answer) carry on from the digit written. Returns (the text, the character
-    index of its first slipped digit, or None when nothing slipped)."""
-    start, moves = TOY_QUESTION.fullmatch(question).groups()
-    moves = re.findall(r"[+-]\d", moves)
-    value, values, first = int(start), [], None
-    for k, move in enumerate(moves):
-        value = (value + int(move)) % TOY_MODULUS
+    """The solution of a toy `question` as a solver that knows the way but slips writes it: each
+    arrow lands on a uniformly drawn wrong symbol with probability `rate`, and the walk goes on
+    from the symbol written. Returns (the text, the character index of its first slipped symbol,
+    or None when nothing slipped)."""
+    moves, start, table = TOY_QUESTION.fullmatch(question).groups()
+    arrows = dict(pair.split(">") for pair in table.split())
+    ends, first = [], None
+    for k in range(int(moves)):
+        end = arrows[ends[-1] if ends else start]
         if rng.random() < rate:
-            value = (value + int(rng.integers(1, TOY_MODULUS))) % TOY_MODULUS
-            first = (2 * len(moves) + 2) * k + 2 * k + 2 if first is None else first
-        values.append(value)
-    return toy_lines(int(start), moves, values), first
+            end = rng.choice([s for s in TOY_SYMBOLS if s != end])
+            first = 4 * k + 2 if first is None else first
+        ends.append(end)
+    return toy_lines(start, ends), first
 
 
 def toy_split(question: str) -> str:

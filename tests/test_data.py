@@ -258,15 +258,12 @@ def test_shard_smaller_than_batch_is_a_clear_error(toy_path, tokenizer):
                             process_index=0, process_count=1)
 
 
-def walk_lines(text):
-    """(values, lines, last line) of a worked toy walk, checking its layout: one right-aligned line
-    per move, value then the moves left, all as wide as the expression."""
+def arrow_walk(text):
+    """(lines as (from, to) pairs, boxed answer) of a worked toy walk, checking its layout."""
     *lines, last = text.splitlines()
-    values = []
-    for k, line in enumerate(lines):
-        assert len(line) == 2 * len(lines) + 1 and line[: 2 * k + 2] == " " * (2 * k + 2)
-        values.append(int(line[2 * k + 2]))
-    return values, lines, last
+    pairs = [tuple(line.split(">")) for line in lines]
+    assert all(re.fullmatch(r"\d>\d", line) for line in lines)
+    return pairs, last
 
 
 def test_toy_problems_are_correct_and_verifiable(toy_path):
@@ -274,46 +271,47 @@ def test_toy_problems_are_correct_and_verifiable(toy_path):
     again, _ = data.load_rows(data.write_toy_dataset(toy_path + ".again.jsonl", 23, seed=1), "math")
     assert rows == again
     for row in rows:
-        start, moves = re.fullmatch(r"What is (\d)((?:[+-][1-9])+) mod 10\?", row["question"]).groups()
-        moves = re.findall(r"[+-][1-9]", moves)
-        assert len(moves) == 4
-        assert int(row["answer"]) == eval(start + "".join(moves)) % 10  # independent arithmetic
+        moves, start, table = re.fullmatch(r"Follow (\d) arrows from (\d): ((?:\d>\d ?)+)\.", row["question"]).groups()
+        arrows = dict(pair.split(">") for pair in table.split())
+        assert int(moves) == 4 and sorted(arrows) == sorted(arrows.values()) == list("123456")
+        assert all(a != b for a, b in arrows.items())  # every arrow leaves its symbol
         assert exact_match(row["solution"], row["answer"]) == (1.0, "correct")
-        values, lines, last = walk_lines(row["solution"])
+        pairs, last = arrow_walk(row["solution"])
         assert last == f"The answer is \\boxed{{{row['answer']}}}."
-        position = int(start)
-        for k, (value, line) in enumerate(zip(values, lines, strict=True)):  # one move per line, mod 10
-            position = (position + int(moves[k])) % 10
-            assert value == position and line.strip() == str(position) + "".join(moves[k + 1:])
+        position = start
+        for a, b in pairs:  # one arrow per line, followed from where the walk stands
+            assert a == position and b == arrows[a]
+            position = b
+        assert len(pairs) == 4 and position == row["answer"]
 
 
 def test_toy_solution_of_a_hand_worked_walk():
-    problem = data.toy_problem(random.Random(5))
-    assert problem["question"] == "What is 9-6+8+1+2 mod 10?"
-    # Worked by hand: 9-6 = 3, 3+8 = 11 -> 1, 1+1 = 2, 2+2 = 4.
-    assert problem["solution"] == "  3+8+1+2\n    1+1+2\n      2+2\n        4\nThe answer is \\boxed{4}."
+    problem = data.toy_problem(random.Random(1))
+    assert problem["question"] == "Follow 4 arrows from 2: 1>3 2>4 3>6 4>5 5>2 6>1."
+    # Followed by hand: 2 -> 4 -> 5 -> 2 -> 4.
+    assert problem["solution"] == "2>4\n4>5\n5>2\n2>4\nThe answer is \\boxed{4}."
     assert problem["answer"] == "4"
 
 
-def test_toy_slip_walks_on_from_each_wrong_digit():
-    question = "What is 9-6+8+1+2 mod 10?"
-    solution = data.toy_problem(random.Random(5))["solution"]
+def test_toy_slip_walks_on_from_each_wrong_symbol():
+    question = "Follow 4 arrows from 2: 1>3 2>4 3>6 4>5 5>2 6>1."
+    arrows = {"1": "3", "2": "4", "3": "6", "4": "5", "5": "2", "6": "1"}
+    solution = data.toy_problem(random.Random(1))["solution"]
     assert data.toy_slip(question, 0.0, np.random.default_rng(0)) == (solution, None)
-    moves = ["-6", "+8", "+1", "+2"]
-    for seed in range(20):  # rate 1: every result is wrong for its own move, and the walk goes on from it
+    for seed in range(20):  # rate 1: every arrow lands wrong, and the walk goes on from where it landed
         text, first = data.toy_slip(question, 1.0, np.random.default_rng(seed))
-        values, lines, last = walk_lines(text)
-        position = 9
-        for k, (value, line) in enumerate(zip(values, lines, strict=True)):
-            assert value != (position + int(moves[k])) % 10 and line.strip() == str(value) + "".join(moves[k + 1:])
-            position = value
+        pairs, last = arrow_walk(text)
+        position = "2"
+        for a, b in pairs:
+            assert a == position and b != arrows[a] and b in "123456"
+            position = b
         assert last == f"The answer is \\boxed{{{position}}}."
         assert first == 2 and text[:first] == solution[:first]
     slipped = [data.toy_slip(question, 0.3, np.random.default_rng(seed)) for seed in range(400)]
     firsts = [first for _, first in slipped]
-    # P(first slip on line k) = 0.7^k * 0.3; line k's value sits at 10k + 2k + 2
+    # P(first slip on line k) = 0.7^k * 0.3; line k's landing symbol sits at 4k + 2
     for k in range(4):
-        assert firsts.count(12 * k + 2) / 400 == pytest.approx(0.7 ** k * 0.3, abs=0.07)
+        assert firsts.count(4 * k + 2) / 400 == pytest.approx(0.7 ** k * 0.3, abs=0.07)
     assert firsts.count(None) / 400 == pytest.approx(0.7 ** 4, abs=0.07)
     for text, first in slipped:  # the text agrees with the solution up to its first slip
         assert (text == solution) == (first is None)
