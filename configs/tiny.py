@@ -1,22 +1,24 @@
-"""The embedded default: a tiny random Qwen3 on the toy dial-walk task, on CPU, in minutes.
+"""The embedded default: a tiny random Qwen3 on the toy arrow-walk task, on CPU, in minutes.
 
 No downloads: the tokenizer and the data are generated into the workdir. The task
-(`hsd_jax.data.toy_problem`): "What is 9-9+8+1+2 mod 10?", a start digit and 3-5 single-digit
-moves on a dial of 10, solved one move per line ("9-9=0", "0+8=8", ...) and boxed: few
-arithmetic facts, several choices in a row, and a failed walk leaves a successful one at the
-first wrong digit, where HSD's credit should land. 2000 training walks; the 64 held-out walks
-(`toy_split`) never share a question with them. A supervised warm-up on the worked solutions, in
-the student's and the teacher's format, brings the success rate off zero; then HSD runs as on a
-pod, with held-out avg@4 logged at step 0 (the warmed-up pi_0) and every 10 steps.
+(`hsd_jax.data.toy_problem`): "Follow 4 arrows from 2: 1>3 2>4 3>6 4>5 5>2 6>1.", solved one
+arrow per line ("2>4", "4>5", ...) and boxed: lookups, no arithmetic (a 2-layer model does not
+learn mod-10 sums in a CPU warm-up), and a failed walk leaves a successful one at its first wrong
+symbol, where HSD's credit should land. 2000 training walks; the 64 held-out walks (`toy_split`)
+never share a question with them. A 400-step supervised warm-up learns the walks in the
+student's format, with slips (`data.toy_slip_rate`: a wrong symbol on a line with probability
+0.25), and in the teacher's two formats (`warmup.warmup_batch`); then HSD runs as on a pod, with
+held-out avg@4 logged at step 0 (the warmed-up pi_0) and every 10 steps.
 
-Measured (benchmarks/RESULTS.md, "Tiny default"; seed 0, 2-core CPU): pi_0 reaches 0.08 held-out
-after 100 warm-up steps; about 6 CPU-minutes in all. HSD does not raise held-out accuracy here
-yet: the issue's goal (+15 points from the start of RL to the end) is not met. Learning rate:
-at 1e-4 accuracy falls (0.08 -> 0.02-0.04, KL to pi_0 ~1); at 3e-4 student and teacher drift
-together to max-length outputs (KL to pi_0 ~4, divergence -> 0, reward 0 from step 15);
-at 3e-5 (the default here) the policy stays near pi_0 (KL ~0.4 after 20 steps) and held-out
-accuracy stays flat within noise (0.08 -> 0.09 -> 0.06): the stable range is <= 3e-5, and inside
-it 20 steps do not move accuracy. A stronger reference KL (beta 5e-2) does not stop the 1e-4 drift.
+Measured (benchmarks/RESULTS.md, "Tiny default"; seed 0, 2-core CPU): pi_0 = 0.26 held-out, at
+the coverage formula's p* for G = 8; the run takes about 4 minutes. From that warm-up, GRPO
+(`configs/tiny.py:grpo`, lr 1e-4) raises held-out accuracy to 0.44 in 40 steps, but HSD lowers it
+(0.14 after 10 steps at lr 5e-5, the default here; 1e-4 and 2e-4 fall further and end in
+max-length outputs). The cause, read off the logits: at the divergence the teacher names the
+peer's symbol, as it should, but after it the teacher goes on copying the peer's lines by
+position instead of walking on from the student's symbol, so most of the distilled credit
+teaches lookups that are wrong for the student's state. The issue's goal (HSD +15 points) is not
+met.
 
     python main.py --config configs/tiny.py
     python main.py --config configs/tiny.py:grpo   # a baseline on the same task
@@ -40,6 +42,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.model.remat = "none"
     c.data.kind = "toy"
     c.data.toy_examples = 2000
+    c.data.toy_slip_rate = 0.25
     c.data.questions_per_step = 4
     c.data.max_prompt_len = 80
     c.data.enable_thinking = False
@@ -52,11 +55,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.hindsight.template = ml_collections.ConfigDict(
         dict(answer_open="\nAnswer: ", answer_close="", demo_open="\nSolution:\n", demo_close="", context_close="")
     )
-    c.optimizer.learning_rate = 3e-5  # stable; 1e-4 drifts (accuracy falls), 3e-4 collapses to max-length outputs
+    c.optimizer.learning_rate = 5e-5  # HSD: 1e-4 and 2e-4 end in max-length outputs (RESULTS "Tiny default")
     c.mesh.shape = (1, -1, 1)
-    c.train.steps = 20
+    c.train.steps = 40
     c.train.micro_batch = 32
-    c.train.sft_warmup_steps = 100
+    c.train.sft_warmup_steps = 400
     c.train.checkpoint_every = 10
     c.train.eval_samples = 4
     c.train.eval_every = 10

@@ -23,7 +23,8 @@ batches of one process, in the same row order as the global arrays they build. `
 after N batches yields exactly the batches an uninterrupted iterator yields after N.
 
 The toy task (`toy_problem`, `write_toy_dataset`, `build_toy_tokenizer`) is the embedded
-dial-walk task of `configs/tiny.py` (single-digit moves mod 10, one per solution line), with
+arrow-walk task of `configs/tiny.py` (follow 4 arrows of a table, one per solution line; its
+slipped solutions, `toy_slip`, feed the warm-up), with
 disjoint train and held-out splits (`toy_split`): no downloads, verified by
 `hsd_jax.rewards.math.exact_match`. Its code twin (`toy_code_problem`) asks for a two-line
 program with stdin/stdout tests, verified in the code sandbox.
