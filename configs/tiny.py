@@ -11,7 +11,7 @@ student's format, with slips (`data.toy_slip_rate`: a wrong symbol on a line wit
 held-out avg@4 logged at step 0 (the warmed-up pi_0) and every 10 steps.
 
 Measured (benchmarks/RESULTS.md, "Tiny default"; seed 0, 2-core CPU): pi_0 = 0.26 held-out, at
-the coverage formula's p* for G = 8; the run takes about 4 minutes. From that warm-up, GRPO
+the coverage formula's p* for G = 8; the whole run takes 8 minutes. From that warm-up, GRPO
 (`configs/tiny.py:grpo`, lr 1e-4) raises held-out accuracy to 0.44 in 40 steps, but HSD lowers it
 (0.14 after 10 steps at lr 5e-5, the default here; 1e-4 and 2e-4 fall further and end in
 max-length outputs). The cause, read off the logits: at the divergence the teacher names the
