@@ -63,8 +63,8 @@ def warmup_batch(
     """The host batch of Q dataset rows (B = 3Q rows) and its teacher mask [B, T_resp] (`sft_step`).
 
     Each row makes a group of three rollouts (+ EOS): its solution as written, the solution, and
-    another as written. As written is the solution itself, or with `slip_rate` (toy rows) a copy
-    that slips (`data.toy_slip`, drawn with `rng`): a solver that knows every step but slips now
+    another as written. As written is the solution itself, or with `slip_rate` (rows that are
+    toy walks, `data.TOY_QUESTION`) a copy that slips (`data.toy_slip`, drawn with `rng`): a solver that knows every step but slips now
     and then. The student format learns all three. The teacher format learns HSD's two contexts
     (`peer_answer`, after the answer: a code row's tests): the first rollout with the solution as
     its peer, except the first slipped digit, where that demonstration still shows the way; and
@@ -77,7 +77,13 @@ def warmup_batch(
     `hindsight_cfg` (`config.hindsight`) gives buckets, strip_think and max_tests_tokens. The RL fields keep their defaults.
     """
     questions = rollout.question_tokens(tokenizer, rows, kind)
-    write = (lambda r: data.toy_slip(r["question"], slip_rate, rng)) if slip_rate else (lambda r: (r["solution"], None))
+
+    def write(row: dict) -> tuple[str, int | None]:
+        """(the solution as written, its first slip or None); only toy walks slip."""
+        if slip_rate and data.TOY_QUESTION.fullmatch(row["question"]):
+            return data.toy_slip(row["question"], slip_rate, rng)
+        return row["solution"], None
+
     written = [(write(r), write(r)) for r in rows]
     answers, solutions = rollout.reference_tokens(tokenizer, rows, max_tests_tokens=hindsight_cfg.max_tests_tokens)
     texts = hindsight.encode_texts(tokenizer, [text for pair in written for text, _ in pair])

@@ -431,7 +431,7 @@ def test_warmup_batch_teaches_the_teacher_both_hsd_contexts(setup):
 def test_warmup_batch_with_slips_masks_the_teachers_divergence(setup):
     tokenizer, eos = CharTokenizer(), 63
     rng = random.Random(3)
-    rows = [data.toy_problem(rng) for _ in range(6)]
+    rows = [data.toy_problem(rng) for _ in range(6)] + [{"question": "1+1", "answer": "2", "solution": "1+1=2"}]
     config = ml_collections.ConfigDict(dict(buckets=64, strip_think=False, max_tests_tokens=64))
     warm, teacher_mask = warmup.warmup_batch(rows, tokenizer, setup["template"], eos_id=eos, kind="math",
                                              hindsight_cfg=config, slip_rate=0.5, rng=np.random.default_rng(0))
@@ -454,7 +454,7 @@ def test_warmup_batch_with_slips_masks_the_teachers_divergence(setup):
                 diverged += 1
             np.testing.assert_array_equal(teacher_mask[b, : len(written)], unmasked)
             assert not teacher_mask[b, len(written):].any()
-    assert diverged >= 2  # slips at rate 0.5 over 3-5 lines: almost every walk
+    assert diverged >= 2  # slips at rate 0.5 over 4 lines: almost every walk; never the row that is no walk
 
 
 def test_place_splits_every_field_over_the_batch_axes(setup):
