@@ -58,8 +58,8 @@ def base_config(variant: str | None = None) -> ml_collections.ConfigDict:
             template="chat",
             enable_thinking=True,
             toy_examples=0,  # kind=toy: problems generated into the workdir
-            # kind=toy: the warm-up also learns each solution as written with slips (each line's
-            # result a wrong digit with this probability, data.toy_slip; warmup.warmup_batch)
+            # kind=toy: the warm-up's student also learns each solution as written with slips (each
+            # line's arrow wrong with this probability, data.toy_walk; warmup.warmup_batch)
             toy_slip_rate=0.0,
             # code rows: run model-written programs under this process's own uid where the machine
             # cannot give them one of their own (not root); they could then signal its processes

@@ -1,24 +1,24 @@
 """The embedded default: a tiny random Qwen3 on the toy arrow-walk task, on CPU, in minutes.
 
 No downloads: the tokenizer and the data are generated into the workdir. The task
-(`hsd_jax.data.toy_problem`): "Follow 4 arrows from 2: 1>3 2>4 3>6 4>5 5>2 6>1.", solved one
-arrow per line ("2>4", "4>5", ...) and boxed: lookups, no arithmetic (a 2-layer model does not
-learn mod-10 sums in a CPU warm-up), and a failed walk leaves a successful one at its first wrong
-symbol, where HSD's credit should land. 2000 training walks; the 64 held-out walks (`toy_split`)
-never share a question with them. A 400-step supervised warm-up learns the walks in the
-student's format, with slips (`data.toy_slip_rate`: a wrong symbol on a line with probability
-0.25), and in the teacher's two formats (`warmup.warmup_batch`); then HSD runs as on a pod, with
-held-out avg@4 logged at step 0 (the warmed-up pi_0) and every 10 steps.
+(`hsd_jax.data.toy_problem`): "Follow 8 arrows from 2:" and a table of six arrows ("1>3", "2>4",
+...), answered one arrow per line ("2>4", "4>5", ...) and boxed: lookups, no arithmetic, and a
+failed walk leaves a successful one at its first wrong arrow, where HSD's credit should land.
+Every arrow line is one token, so a lookup is one attention hop for the 2-layer model. 2000
+training walks; the 64 held-out walks (`toy_split`) never share a question with them.
 
-Measured (benchmarks/RESULTS.md, "Tiny default"; seed 0, 2-core CPU): pi_0 = 0.26 held-out, at
-the coverage formula's p* for G = 8; the whole run takes 8 minutes. From that warm-up, GRPO
-(`configs/tiny.py:grpo`, lr 1e-4) raises held-out accuracy to 0.44 in 40 steps, but HSD lowers it
-(0.14 after 10 steps at lr 5e-5, the default here; 1e-4 and 2e-4 fall further and end in
-max-length outputs). The cause, read off the logits: at the divergence the teacher names the
-peer's symbol, as it should, but after it the teacher goes on copying the peer's lines by
-position instead of walking on from the student's symbol, so most of the distilled credit
-teaches lookups that are wrong for the student's state. The issue's goal (HSD +15 points) is not
-met.
+A 400-step supervised warm-up makes pi_0 a solver that knows the way but slips: the student's
+format learns walks in which each arrow goes wrong with probability `data.toy_slip_rate` (0.3),
+and the teacher's two formats (peer + answer, answer alone) learn the same walks without their
+slips (`warmup.warmup_batch`). So with a context the teacher does not slip, on the peer's path
+or after the response leaves it, and HSD's distillation has something to teach. Then HSD runs as
+on a pod, with held-out avg@4 logged at step 0 (the warmed-up pi_0) and every 10 steps.
+
+Measured (benchmarks/RESULTS.md, "Tiny default"; 2-core CPU), held-out accuracy at steps 0 / 10 /
+20 / 30 / 40, seeds 0, 1, 2: 0.30 / 0.53 / 0.89 / 1.00 / 1.00, 0.21 / 0.60 / 1.00 / 1.00 / 1.00,
+0.33 / 0.67 / 0.96 / 1.00 / 1.00. pi_0 sits near the coverage formula's p* (0.26 for G = 8).
+Stable learning rates: 5e-5 (the default); at 1e-4 HSD reaches 0.96 by step 10, then collapses to
+short outputs (0.45 at step 40).
 
     python main.py --config configs/tiny.py
     python main.py --config configs/tiny.py:grpo   # a baseline on the same task
@@ -42,7 +42,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.model.remat = "none"
     c.data.kind = "toy"
     c.data.toy_examples = 2000
-    c.data.toy_slip_rate = 0.25
+    c.data.toy_slip_rate = 0.3
     c.data.questions_per_step = 4
     c.data.max_prompt_len = 80
     c.data.enable_thinking = False
@@ -55,7 +55,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.hindsight.template = ml_collections.ConfigDict(
         dict(answer_open="\nAnswer: ", answer_close="", demo_open="\nSolution:\n", demo_close="", context_close="")
     )
-    c.optimizer.learning_rate = 5e-5  # HSD: 1e-4 and 2e-4 end in max-length outputs (RESULTS "Tiny default")
+    c.optimizer.learning_rate = 5e-5  # HSD at 1e-4 collapses after 20 steps (RESULTS "Tiny default")
     c.mesh.shape = (1, -1, 1)
     c.train.steps = 40
     c.train.micro_batch = 32

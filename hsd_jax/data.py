@@ -23,8 +23,8 @@ batches of one process, in the same row order as the global arrays they build. `
 after N batches yields exactly the batches an uninterrupted iterator yields after N.
 
 The toy task (`toy_problem`, `write_toy_dataset`, `build_toy_tokenizer`) is the embedded
-arrow-walk task of `configs/tiny.py` (follow 4 arrows of a table, one per solution line; its
-slipped solutions, `toy_slip`, feed the warm-up), with
+arrow-walk task of `configs/tiny.py` (follow 4 arrows of a table, one per solution line, each
+arrow one token; its walks with slips, `toy_walk`, feed the warm-up), with
 disjoint train and held-out splits (`toy_split`): no downloads, verified by
 `hsd_jax.rewards.math.exact_match`. Its code twin (`toy_code_problem`) asks for a two-line
 program with stdin/stdout tests, verified in the code sandbox.
@@ -392,7 +392,7 @@ TOY_THINK_TOKENS = ("<think>", "</think>")
 # task's rows stay short (the tiny model's steps cost what its tokens cost).
 TOY_PHRASES = (MATH_INSTRUCTION, "Follow ", " arrows from ", "The answer is \\boxed{", "user\n", "assistant\n",
                "\nAnswer: ", "\nSolution:\n")
-_TOY_WORDS = ("What", "is", "the", "answer", "The", "boxed", "Please", "reason", "step", "by",
+_TOY_WORDS = ("the", "answer", "The", "boxed", "Please", "reason", "step", "by",
               "and", "put", "your", "final", "within", "user", "assistant", "system")
 # Qwen3's template reduced to plain turns: same markers, same empty think block when
 # enable_thinking is false.
@@ -406,51 +406,47 @@ TOY_CHAT_TEMPLATE = (
 
 
 TOY_SYMBOLS = "123456"
-TOY_MOVES = 4
+TOY_MOVES = 8
 TOY_EVAL_SHARE = 10  # one question in TOY_EVAL_SHARE belongs to the held-out split
-TOY_QUESTION = re.compile(r"Follow (\d+) arrows from (\d): ((?:\d>\d ?)+)\.")
+# Every arrow line "a>b\n" is one token, in the question's table and in the walk alike: one
+# lookup is one attention hop (find the table's arrow that leaves the symbol just reached, copy it).
+TOY_ARROWS = tuple(f"{a}>{b}\n" for a in TOY_SYMBOLS for b in TOY_SYMBOLS if a != b)
+TOY_QUESTION = re.compile(r"Follow (\d+) arrows from (\d):\n((?:\d>\d\n)+)")
 
 
-def toy_lines(start: str, ends: Sequence[str]) -> str:
-    """The worked walk: one arrow per line, from where the walk stands to where it goes ("3>1",
-    "1>4", ...), then the boxed end."""
-    lines = [f"{a}>{b}" for a, b in zip([start, *ends], ends)]
-    return "\n".join(lines) + f"\nThe answer is \\boxed{{{ends[-1]}}}."
+def toy_walk(question: str, slip_rate: float = 0.0,
+             rng: np.random.Generator | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The worked walk of a toy `question`: one arrow per line ("3>1", "1>4", ...), then the boxed
+    end. With `slip_rate`, a solver that knows the way but slips writes it: each arrow lands on a
+    uniformly drawn wrong symbol (never the one it leaves) with that probability (drawn with
+    `rng`), and the walk goes on from the symbol written. Returns (the text, the character span
+    [start, end) of each slipped line)."""
+    moves, start, table = TOY_QUESTION.fullmatch(question).groups()
+    arrows = dict(line.split(">") for line in table.split())
+    here, lines, slips = start, [], []
+    for k in range(int(moves)):
+        there = arrows[here]
+        if slip_rate and rng.random() < slip_rate:
+            there = rng.choice([s for s in TOY_SYMBOLS if s not in (here, there)])
+            slips.append((4 * k, 4 * k + 4))
+        lines.append(f"{here}>{there}\n")
+        here = there
+    return "".join(lines) + f"The answer is \\boxed{{{here}}}.", slips
 
 
 def toy_problem(rng: random.Random) -> dict:
     """One arrow walk `{question, answer, solution}`: a table of arrows, one from each of the
-    symbols 1-6 to another (a random derangement), a start and `TOY_MOVES` arrows to follow, e.g. "Follow 4
-    arrows from 3: 1>4 2>6 3>1 4>5 5>2 6>3.". The solution (`toy_lines`) follows one arrow per
-    line: a path of lookups (no arithmetic) whose first wrong symbol is where a failed walk leaves
-    a correct one."""
+    symbols 1-6 to another (a random derangement), a start and `TOY_MOVES` arrows to follow, e.g.
+    "Follow 4 arrows from 3:\n1>4\n2>6\n3>1\n4>5\n5>2\n6>3\n". The solution (`toy_walk`) follows
+    one arrow per line: a path of lookups (no arithmetic) whose first wrong arrow is where a
+    failed walk leaves a correct one."""
     targets = list(TOY_SYMBOLS)
     while any(a == b for a, b in zip(TOY_SYMBOLS, targets)):  # every arrow leaves its symbol
         rng.shuffle(targets)
-    arrows = dict(zip(TOY_SYMBOLS, targets))
-    start, ends = rng.choice(TOY_SYMBOLS), []
-    for _ in range(TOY_MOVES):
-        ends.append(arrows[ends[-1] if ends else start])
-    table = " ".join(f"{a}>{b}" for a, b in arrows.items())
-    return {"question": f"Follow {TOY_MOVES} arrows from {start}: {table}.", "answer": ends[-1],
-            "solution": toy_lines(start, ends)}
-
-
-def toy_slip(question: str, rate: float, rng: np.random.Generator) -> tuple[str, int | None]:
-    """The solution of a toy `question` as a solver that knows the way but slips writes it: each
-    arrow lands on a uniformly drawn wrong symbol with probability `rate`, and the walk goes on
-    from the symbol written. Returns (the text, the character index of its first slipped symbol,
-    or None when nothing slipped)."""
-    moves, start, table = TOY_QUESTION.fullmatch(question).groups()
-    arrows = dict(pair.split(">") for pair in table.split())
-    ends, first = [], None
-    for k in range(int(moves)):
-        end = arrows[ends[-1] if ends else start]
-        if rng.random() < rate:
-            end = rng.choice([s for s in TOY_SYMBOLS if s != end])
-            first = 4 * k + 2 if first is None else first
-        ends.append(end)
-    return toy_lines(start, ends), first
+    table = "".join(f"{a}>{b}\n" for a, b in zip(TOY_SYMBOLS, targets))
+    question = f"Follow {TOY_MOVES} arrows from {rng.choice(TOY_SYMBOLS)}:\n{table}"
+    solution, _ = toy_walk(question)
+    return {"question": question, "answer": solution[-3], "solution": solution}
 
 
 def toy_split(question: str) -> str:
@@ -535,7 +531,7 @@ def build_toy_tokenizer(directory: str) -> str:
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t in TOY_SPECIAL_TOKENS])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
-                          for t in TOY_THINK_TOKENS + TOY_PHRASES])
+                          for t in TOY_THINK_TOKENS + TOY_PHRASES + TOY_ARROWS])
     os.makedirs(directory, exist_ok=True)
     write_atomically(os.path.join(directory, "tokenizer.json"), tokenizer.to_str())
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",

@@ -63,26 +63,25 @@ def warmup_batch(
     """The host batch of Q dataset rows (B = 3Q rows) and its teacher mask [B, T_resp] (`sft_step`).
 
     Each row makes a group of three rollouts (+ EOS): its solution as written, the solution, and
-    another as written. As written is the solution itself, or with `slip_rate` (rows that are
-    toy walks, `data.TOY_QUESTION`) a copy that slips (`data.toy_slip`, drawn with `rng`): a solver that knows every step but slips now
-    and then. The student format learns all three. The teacher format learns HSD's two contexts
-    (`peer_answer`, after the answer: a code row's tests): the first rollout with the solution as
-    its peer, except the first slipped digit, where that demonstration still shows the way; and
-    the third with the answer alone, HSD's fallback. The second is only the peer. So the
-    teacher's edge over the student is only what it reads: it follows a demonstration while the
-    response agrees with it, and after a divergence, or with the answer alone, it writes as the
-    student does.
+    another as written. As written is the solution itself, or with `slip_rate` (rows that are toy
+    walks, `data.TOY_QUESTION`) a walk that slips (`data.toy_walk`, drawn with `rng`): a solver
+    that knows every step but slips now and then. The student format learns all three, slips
+    included. The teacher format learns HSD's two contexts (`peer_answer`, after the answer: a
+    code row's tests), every step but the slips: the first rollout with the solution as its peer,
+    and the third with the answer alone, HSD's fallback. The second is only the peer. So the
+    teacher is the same solver that, given a context, does not slip: on the demonstration's path
+    and after the response leaves it, where it walks on from the response's symbol.
 
     Each row's prompt takes its own kind's instruction (its "kind" field; `kind` where it has none).
     `hindsight_cfg` (`config.hindsight`) gives buckets, strip_think and max_tests_tokens. The RL fields keep their defaults.
     """
     questions = rollout.question_tokens(tokenizer, rows, kind)
 
-    def write(row: dict) -> tuple[str, int | None]:
-        """(the solution as written, its first slip or None); only toy walks slip."""
+    def write(row: dict) -> tuple[str, list[tuple[int, int]]]:
+        """(the solution as written, the character span of each slipped step); only toy walks slip."""
         if slip_rate and data.TOY_QUESTION.fullmatch(row["question"]):
-            return data.toy_slip(row["question"], slip_rate, rng)
-        return row["solution"], None
+            return data.toy_walk(row["question"], slip_rate, rng)
+        return row["solution"], []
 
     written = [(write(r), write(r)) for r in rows]
     answers, solutions = rollout.reference_tokens(tokenizer, rows, max_tests_tokens=hindsight_cfg.max_tests_tokens)
@@ -94,9 +93,10 @@ def warmup_batch(
                                   buckets=hindsight_cfg.buckets, strip_think=hindsight_cfg.strip_think)
     teacher_mask = np.array(batch.response_mask)
     teacher_mask[1::3] = 0
-    for i, ((text, slip), _) in enumerate(written):
-        if slip is not None:
-            teacher_mask[3 * i, len(tokenizer.encode(text[:slip]))] = 0
+    for i, pair in enumerate(written):
+        for row, (text, slips) in zip((3 * i, 3 * i + 2), pair):
+            for start, end in slips:
+                teacher_mask[row, len(tokenizer.encode(text[:start])) : len(tokenizer.encode(text[:end]))] = 0
     return batch, teacher_mask
 
 

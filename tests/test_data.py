@@ -271,9 +271,9 @@ def test_toy_problems_are_correct_and_verifiable(toy_path):
     again, _ = data.load_rows(data.write_toy_dataset(toy_path + ".again.jsonl", 23, seed=1), "math")
     assert rows == again
     for row in rows:
-        moves, start, table = re.fullmatch(r"Follow (\d) arrows from (\d): ((?:\d>\d ?)+)\.", row["question"]).groups()
-        arrows = dict(pair.split(">") for pair in table.split())
-        assert int(moves) == 4 and sorted(arrows) == sorted(arrows.values()) == list("123456")
+        moves, start, table = re.fullmatch(r"Follow (\d) arrows from (\d):\n((?:\d>\d\n)+)", row["question"]).groups()
+        arrows = dict(line.split(">") for line in table.splitlines())
+        assert int(moves) == 8 and sorted(arrows) == sorted(arrows.values()) == list("123456")
         assert all(a != b for a, b in arrows.items())  # every arrow leaves its symbol
         assert exact_match(row["solution"], row["answer"]) == (1.0, "correct")
         pairs, last = arrow_walk(row["solution"])
@@ -282,41 +282,50 @@ def test_toy_problems_are_correct_and_verifiable(toy_path):
         for a, b in pairs:  # one arrow per line, followed from where the walk stands
             assert a == position and b == arrows[a]
             position = b
-        assert len(pairs) == 4 and position == row["answer"]
+        assert len(pairs) == 8 and position == row["answer"]
+
+
+QUESTION = "Follow 8 arrows from 2:\n1>3\n2>4\n3>6\n4>5\n5>2\n6>1\n"
+ARROWS = {"1": "3", "2": "4", "3": "6", "4": "5", "5": "2", "6": "1"}
 
 
 def test_toy_solution_of_a_hand_worked_walk():
     problem = data.toy_problem(random.Random(1))
-    assert problem["question"] == "Follow 4 arrows from 2: 1>3 2>4 3>6 4>5 5>2 6>1."
-    # Followed by hand: 2 -> 4 -> 5 -> 2 -> 4.
-    assert problem["solution"] == "2>4\n4>5\n5>2\n2>4\nThe answer is \\boxed{4}."
-    assert problem["answer"] == "4"
+    assert problem["question"] == QUESTION
+    # Followed by hand: 2 -> 4 -> 5 -> 2 -> 4 -> 5 -> 2 -> 4 -> 5.
+    assert problem["solution"] == "2>4\n4>5\n5>2\n2>4\n4>5\n5>2\n2>4\n4>5\nThe answer is \\boxed{5}."
+    assert problem["answer"] == "5"
 
 
-def test_toy_slip_walks_on_from_each_wrong_symbol():
-    question = "Follow 4 arrows from 2: 1>3 2>4 3>6 4>5 5>2 6>1."
-    arrows = {"1": "3", "2": "4", "3": "6", "4": "5", "5": "2", "6": "1"}
+def test_toy_tokenizer_reads_each_arrow_line_as_one_token(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(data.build_toy_tokenizer(str(tmp_path)))
+    text = data.toy_problem(random.Random(1))["solution"]
+    pieces = [tokenizer.decode([i]) for i in tokenizer.encode(text)]
+    assert pieces == ["2>4\n", "4>5\n", "5>2\n", "2>4\n", "4>5\n", "5>2\n", "2>4\n", "4>5\n",
+                      "The answer is \\boxed{", "5", "}", "."]
+    assert tokenizer.decode(tokenizer.encode(QUESTION)) == QUESTION
+
+
+def test_toy_walk_walks_on_from_each_wrong_symbol():
     solution = data.toy_problem(random.Random(1))["solution"]
-    assert data.toy_slip(question, 0.0, np.random.default_rng(0)) == (solution, None)
+    assert data.toy_walk(QUESTION) == (solution, [])
     for seed in range(20):  # rate 1: every arrow lands wrong, and the walk goes on from where it landed
-        text, first = data.toy_slip(question, 1.0, np.random.default_rng(seed))
+        text, slips = data.toy_walk(QUESTION, 1.0, np.random.default_rng(seed))
         pairs, last = arrow_walk(text)
         position = "2"
         for a, b in pairs:
-            assert a == position and b != arrows[a] and b in "123456"
+            assert a == position and b not in (a, ARROWS[a]) and b in "123456"
             position = b
         assert last == f"The answer is \\boxed{{{position}}}."
-        assert first == 2 and text[:first] == solution[:first]
-    slipped = [data.toy_slip(question, 0.3, np.random.default_rng(seed)) for seed in range(400)]
-    firsts = [first for _, first in slipped]
-    # P(first slip on line k) = 0.7^k * 0.3; line k's landing symbol sits at 4k + 2
-    for k in range(4):
-        assert firsts.count(4 * k + 2) / 400 == pytest.approx(0.7 ** k * 0.3, abs=0.07)
-    assert firsts.count(None) / 400 == pytest.approx(0.7 ** 4, abs=0.07)
-    for text, first in slipped:  # the text agrees with the solution up to its first slip
-        assert (text == solution) == (first is None)
-        if first is not None:
-            assert text[:first] == solution[:first] and text[first] != solution[first]
+        assert slips == [(4 * k, 4 * k + 4) for k in range(8)]
+    walks = [data.toy_walk(QUESTION, 0.3, np.random.default_rng(seed)) for seed in range(400)]
+    for text, slips in walks:  # the slipped lines are exactly those whose arrow is not the table's
+        lines = text.splitlines(keepends=True)[:8]
+        assert [text[a:b] for a, b in slips] == [line for line in lines if ARROWS[line[0]] != line[2]]
+    for k in range(8):  # each line slips with probability 0.3, whatever happened before it
+        assert sum((4 * k, 4 * k + 4) in slips for _, slips in walks) / 400 == pytest.approx(0.3, abs=0.07)
+    assert sum(not slips for _, slips in walks) / 400 == pytest.approx(0.7 ** 8, abs=0.03)
+
 
 
 def test_toy_eval_split_shares_no_question_with_train(tmp_path):

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import importlib
 import random
+import re
 
 import jax
 import jax.numpy as jnp
@@ -428,7 +429,7 @@ def test_warmup_batch_teaches_the_teacher_both_hsd_contexts(setup):
     assert not teacher_mask[[1, 4]].any()
 
 
-def test_warmup_batch_with_slips_masks_the_teachers_divergence(setup):
+def test_warmup_batch_with_slips_hides_every_slip_from_the_teacher(setup):
     tokenizer, eos = CharTokenizer(), 63
     rng = random.Random(3)
     rows = [data.toy_problem(rng) for _ in range(6)] + [{"question": "1+1", "answer": "2", "solution": "1+1=2"}]
@@ -436,25 +437,34 @@ def test_warmup_batch_with_slips_masks_the_teachers_divergence(setup):
     warm, teacher_mask = warmup.warmup_batch(rows, tokenizer, setup["template"], eos_id=eos, kind="math",
                                              hindsight_cfg=config, slip_rate=0.5, rng=np.random.default_rng(0))
     lengths = np.asarray(warm.response_mask).sum(1).astype(int)
-    diverged = 0
+    symbols = {tokenizer.encode(c)[0]: c for c in "123456>\n"}
+    slipped_lines = 0
     for q, row in enumerate(rows):
         solution = tokenizer.encode(row["solution"]) + [eos]
         np.testing.assert_array_equal(warm.response_tokens[3 * q + 1, : len(solution)], solution)
         assert not teacher_mask[3 * q + 1].any()
         question = data.user_content(row["question"], "math")
+        walk = re.fullmatch(r"Follow \d arrows from \d:\n((?:\d>\d\n)+)", row["question"])
+        arrows = dict(line.split(">") for line in walk.group(1).splitlines()) if walk else {}
         for b, demo in ((3 * q, row["solution"]), (3 * q + 2, None)):
             written = list(np.asarray(warm.response_tokens[b, : lengths[b]]))
-            assert len(written) == len(solution) and written[-1] == eos  # a slip rewrites digits only
+            assert len(written) == len(solution) and written[-1] == eos  # a slip rewrites symbols only
             expected = teacher_prefix(tokenizer, eos, question, row["answer"], demo) + written
             np.testing.assert_array_equal(warm.teacher.tokens[b, : len(expected)], expected)
-            unmasked = np.ones(len(written))
-            differ = np.flatnonzero(np.array(written) != np.array(solution))
-            if len(differ) and demo is not None:  # the first token the student wrote otherwise than its peer
-                unmasked[differ[0]] = 0
-                diverged += 1
+            # The teacher learns every character of the written walk but its slipped lines: those whose
+            # arrow is not the table's (one character per token here; the walk's lines read back).
+            walk_chars = 4 * data.TOY_MOVES if arrows else 0  # its arrow lines ("a>b\n" each)
+            text = "".join(symbols[int(t)] for t in written[:walk_chars])
+            unmasked, offset = np.ones(len(written)), 0
+            for line in text.splitlines(keepends=True):
+                if arrows[line[0]] != line[2]:
+                    unmasked[offset : offset + len(line)] = 0
+                    slipped_lines += 1
+                offset += len(line)
+            assert (text == row["solution"][:walk_chars]) == unmasked.all()
             np.testing.assert_array_equal(teacher_mask[b, : len(written)], unmasked)
             assert not teacher_mask[b, len(written):].any()
-    assert diverged >= 2  # slips at rate 0.5 over 4 lines: almost every walk; never the row that is no walk
+    assert slipped_lines >= 30  # rate 0.5 over 8 lines of 12 toy walks; never the row that is no walk
 
 
 def test_place_splits_every_field_over_the_batch_axes(setup):
