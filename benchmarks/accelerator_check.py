@@ -10,7 +10,9 @@ Rows (each measured in this process; a row that fails reports its error and the 
                         head at response positions, causal attention) / time / peak bf16 FLOP/s.
   hsd / grpo update     the ratio of those two update times.
   decode <engine>       one decode step of the 8B-shaped model vs the HBM floor (weights + KV
-                        cache bytes over the measured copy bandwidth), per engine of DECODE_ENGINES.
+                        cache bytes over the measured copy bandwidth), per engine of DECODE_ENGINES:
+                        static (`sampling.generate`) and continuous (`sampling.generate_continuous`
+                        with one decode slot per row, on the same batch).
   fused loss            value+grad of the mean full-vocabulary KL, V = 151936, D = 4096, 8 x 1024
                         positions: naive full logits vs `losses.chunked_objective` with the gradient
                         in the forward pass (fused_grad) and by autodiff; time and compiled peak.
@@ -49,9 +51,8 @@ from hsd_jax import losses, sampling  # noqa: E402
 from models import hf, qwen3  # noqa: E402
 
 # Decode engines compared with the HBM floor: name -> a function with `sampling.generate`'s
-# signature, or None while it does not exist. The continuous-batching engine (issue 13, item 1)
-# goes in here when it lands; its row then runs like the static one.
-DECODE_ENGINES = {"static": sampling.generate, "continuous": None}
+# signature (as `sampling_bench.time_jax` calls it); the continuous engine gets one slot per row.
+DECODE_ENGINES = {"static": sampling.generate, "continuous": sampling_bench.generate_continuous_one_slot_per_row}
 
 # Dense bfloat16 peak FLOP/s by device kind (vendor datasheets); other devices use a measured GEMM.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "TPU v6 lite": 918e12, "TPU v5p": 459e12,
@@ -205,15 +206,11 @@ def decode_rows(sizes: Sizes, layers: int) -> list[Row]:
     config = dataclasses.replace(model_config(sizes, layers), param_dtype="bfloat16")
     rows = []
     for engine, generate in DECODE_ENGINES.items():
-        if generate is None:
-            rows.append(Row(f"decode {engine}", "no such engine in hsd_jax.sampling yet (DECODE_ENGINES)",
-                            ">= 60 % of floor", "skipped"))
-            continue
         r = sampling_bench.decode_floor(config, **sizes.decode, generate=generate, copy_gib=sizes.copy_gib)
         share = r["floor_s"] / r["step_s"]
         rows.append(Row(f"decode {engine}", f"{share:.0%} of floor ({r['step_s'] * 1e3:.2f} ms vs {r['floor_s'] * 1e3:.2f} "
                         f"ms: {(r['weight_bytes'] + r['cache_bytes']) / 2**30:.2f} GiB at {r['bandwidth'] / 1e9:.0f} GB/s; "
-                        f"batch {sizes.decode['batch']}, {r['slots']} slots)", ">= 60 % of floor",
+                        f"batch {sizes.decode['batch']}, {r['slots']} cache slots)", ">= 60 % of floor",
                         "ok" if share >= 0.6 else "below goal"))
     return rows
 

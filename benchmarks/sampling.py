@@ -129,6 +129,17 @@ def time_jax(graphdef, params, prompts: list[list[int]], config: sampling.Sampli
     return first, min(times)
 
 
+def generate_continuous_one_slot_per_row(graphdef, params, prompts: list[list[int]], key: jax.Array,
+                                         config: sampling.SamplingConfig) -> sampling.Rollouts:
+    """`sampling.generate_continuous` with one decode slot per row (P * n slots) -> Rollouts [P * n].
+
+    `sampling.generate`'s signature as `time_jax` calls it, so `decode_floor` times the continuous
+    engine like the static one: every slot busy on the same batch, a per-step cost comparable.
+    """
+    out, _ = sampling.generate_continuous(graphdef, params, prompts, key, config, slots=len(prompts) * config.n)
+    return out
+
+
 def cpu_benchmark(args) -> None:
     import torch
 
