@@ -41,6 +41,7 @@ def main_py(config: str, workdir: str, seed: int, flags: list[str], log_path: st
     """One `python main.py` run; raises with the tail of its log if it fails."""
     command = [sys.executable, "main.py", "--config", config, f"--config.seed={seed}", f"--config.workdir={workdir}",
                *flags]
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "w") as log:
         status = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
     if status:
@@ -84,11 +85,17 @@ def table(results: dict[str, list[list[dict]]]) -> str:
         lines.append(f"| {method} | {spread(start)} | {spread(end)} | {change.mean():+.1f} ± {change.std():.1f} "
                      f"| {first:.3f} / {last:.3f} | {np.mean([step_mean(r, 'coverage') for r in runs]):.3f} "
                      f"| {np.mean([step_mean(r, 'coverage_formula') for r in runs]):.3f} |")
+    steps = curve(next(iter(results.values()))[0])[0]
+    lines += ["", "Held-out accuracy at each evaluation, mean over seeds (%):", "",
+              "| method | " + " | ".join(f"step {step}" for step in steps) + " |", "|---|" + "---:|" * len(steps)]
+    for method, runs in results.items():
+        accuracy = 100 * np.mean([curve(rows)[1] for rows in runs], axis=0)
+        lines.append(f"| {method} | " + " | ".join(f"{a:.1f}" for a in accuracy) + " |")
     lines += ["", "Share of |credit| within |t - tau| <= w (failed rollouts with a successful peer), mean over steps "
               "and seeds, % (paper in brackets):", "",
               "| method | " + " | ".join(f"w={w}" for w in WINDOWS) + " |", "|---|" + "---:|" * len(WINDOWS)]
     for method, runs in results.items():
-        shares = [np.nanmean([step_mean(r, f"credit_mass_w{w}") for r in runs]) for w in WINDOWS]
+        shares = [np.mean([step_mean(r, f"credit_mass_w{w}") for r in runs]) for w in WINDOWS]
         if np.isnan(shares).all():
             continue  # no teacher pass, no credit
         paper = PAPER_CREDIT.get(method)

@@ -23,7 +23,7 @@ batches of one process, in the same row order as the global arrays they build. `
 after N batches yields exactly the batches an uninterrupted iterator yields after N.
 
 The toy task (`toy_problem`, `write_toy_dataset`, `build_toy_tokenizer`) is the embedded
-arrow-walk task of `configs/tiny.py` (follow 4 arrows of a table, one per solution line, each
+arrow-walk task of `configs/tiny.py` (follow 8 arrows of a table, one per solution line, each
 arrow one token; its walks with slips, `toy_walk`, feed the warm-up), with
 disjoint train and held-out splits (`toy_split`): no downloads, verified by
 `hsd_jax.rewards.math.exact_match`. Its code twin (`toy_code_problem`) asks for a two-line
@@ -437,7 +437,7 @@ def toy_walk(question: str, slip_rate: float = 0.0,
 def toy_problem(rng: random.Random) -> dict:
     """One arrow walk `{question, answer, solution}`: a table of arrows, one from each of the
     symbols 1-6 to another (a random derangement), a start and `TOY_MOVES` arrows to follow, e.g.
-    "Follow 4 arrows from 3:\n1>4\n2>6\n3>1\n4>5\n5>2\n6>3\n". The solution (`toy_walk`) follows
+    "Follow 8 arrows from 3:\n1>4\n2>6\n3>1\n4>5\n5>2\n6>3\n". The solution (`toy_walk`) follows
     one arrow per line: a path of lookups (no arithmetic) whose first wrong arrow is where a
     failed walk leaves a correct one."""
     targets = list(TOY_SYMBOLS)
@@ -446,7 +446,7 @@ def toy_problem(rng: random.Random) -> dict:
     table = "".join(f"{a}>{b}\n" for a, b in zip(TOY_SYMBOLS, targets))
     question = f"Follow {TOY_MOVES} arrows from {rng.choice(TOY_SYMBOLS)}:\n{table}"
     solution, _ = toy_walk(question)
-    return {"question": question, "answer": solution[-3], "solution": solution}
+    return {"question": question, "answer": solution[-3], "solution": solution}  # "...\\boxed{a}."
 
 
 def toy_split(question: str) -> str:
