@@ -17,8 +17,8 @@ on a pod, with held-out avg@4 logged at step 0 (the warmed-up pi_0) and every 10
 Measured (benchmarks/RESULTS.md, "Tiny default"; 2-core CPU), held-out accuracy at steps 0 / 10 /
 20 / 30 / 40, seeds 0, 1, 2: 0.30 / 0.53 / 0.89 / 1.00 / 1.00, 0.21 / 0.60 / 1.00 / 1.00 / 1.00,
 0.33 / 0.67 / 0.96 / 1.00 / 1.00. pi_0 sits near the coverage formula's p* (0.26 for G = 8).
-Stable learning rates: 5e-5 (the default); at 1e-4 HSD reaches 0.96 by step 10, then collapses to
-short outputs (0.45 at step 40).
+Stable learning rates: 5e-5 (the default); at 1e-4 (measured after a warm-up at slip rate 0.25)
+HSD reaches 0.96 by step 10, then collapses to short outputs (0.45 at step 40).
 
     python main.py --config configs/tiny.py
     python main.py --config configs/tiny.py:grpo   # a baseline on the same task
