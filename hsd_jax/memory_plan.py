@@ -189,12 +189,7 @@ def kv_cache(model_cfg: qwen3.Qwen3Config, rows: int, slots: int, cache_dtype: s
     """The sampler's KV cache of `rows` x `slots` as sharded `ShapeDtypeStruct`s (sampling rules)."""
     shapes = jax.eval_shape(lambda: qwen3.KVCache.init(model_cfg, rows, slots, cache_dtype))
     place = lambda x, axes: sharding.named_sharding(x.shape, axes, mesh, sampling.SAMPLING_RULES)
-    return qwen3.KVCache(
-        k=abstract(shapes.k, place(shapes.k, sampling.CACHE_AXES)),
-        v=abstract(shapes.v, place(shapes.v, sampling.CACHE_AXES)),
-        segment_ids=abstract(shapes.segment_ids, place(shapes.segment_ids, ("batch", "length"))),
-        index=abstract(shapes.index, place(shapes.index, ())),
-    )
+    return jax.tree.map(lambda x, axes: abstract(x, place(x, axes)), shapes, qwen3.KVCache(**qwen3.KVCache.AXES))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,19 +208,14 @@ def fused_attention_footprint(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.A
 @contextlib.contextmanager
 def attention_footprint(attention: str):
     """While tracing: the training attention at the footprint `attention` names (see module doc).
-    "fused" on a CPU backend swaps `fused_attention_footprint` in for `qwen3.attention`'s unmasked
-    (plain causal) case; masked attention (the sampler's) and other backends are left as they are."""
+    "fused" on a CPU backend swaps `fused_attention_footprint` in for `qwen3.causal_attention`
+    (the plain causal case); masked attention (the sampler's) and other backends are left as they are."""
     if attention not in ATTENTION_FOOTPRINTS:
         raise ValueError(f"attention={attention!r}: use one of {ATTENTION_FOOTPRINTS}.")
     if attention == "xla" or jax.default_backend() != "cpu":
         yield
         return
-    xla_attention = qwen3.attention
-
-    def planned(q, k, v, mask):
-        return fused_attention_footprint(q, k, v) if mask is None else xla_attention(q, k, v, mask)
-
-    with mock.patch.object(qwen3, "attention", planned):
+    with mock.patch.object(qwen3, "causal_attention", fused_attention_footprint):
         yield
 
 

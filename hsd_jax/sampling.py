@@ -40,7 +40,7 @@ Continuous batching (`generate_continuous`, one process; on a mesh, slots are sp
 rows): the same rows and results with a
 fixed number of decode slots, for long-tailed lengths where the static loop keeps finished rows
 in the batch until the longest ends. A host loop alternates two jitted calls over one device
-state (slot cache [L, slots, T + M - 1, K, H], per-slot row / step / last token, outputs
+state (slot cache of T + M - 1 slots per decode slot, per-slot row / step / last token, outputs
 [B, M]): `_prefill_slots` prefills the next pending rows' prompts into free slots (cache slots
 [0, T), the count rounded up to a power of two) and draws their first token; `_decode_steps`
 runs up to `steps_per_call` decode steps for all slots, each slot writing its own cache slot
@@ -76,7 +76,6 @@ from hsd_jax._models import qwen3
 # Sampling keeps weights whole along the data/fsdp axes (an all-gather per decode step would cost
 # more than the memory saved) and splits heads, MLP and vocab over the tensor axis.
 SAMPLING_RULES: dict[str, tuple[str, ...]] = {**sharding.DEFAULT_RULES, "embed": ()}
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _BLOCK = 128  # tokens per block of the two-level inverse-CDF draw
 _ONE_BITS = 0x3F800000  # float32 bit pattern of 1.0
@@ -389,38 +388,37 @@ def _prefill(model, tokens: jax.Array, pads: jax.Array, config: SamplingConfig, 
     positions = jnp.maximum(slots - pads[:, None], 0)
     segments = (slots >= pads[:, None]).astype(jnp.int32)
     cache = qwen3.KVCache.init(model.config, P, T, config.cache_dtype)
-    cache = dataclasses.replace(cache, k=_constrain(cache.k, CACHE_AXES, mesh, rules),
-                                v=_constrain(cache.v, CACHE_AXES, mesh, rules))
+    cache = cache.map_arrays(lambda a, axes: _constrain(a, axes, mesh, rules))
     hidden, cache = model(tokens, positions, segments, cache)
     return model.logits(hidden[:, -1]), cache
 
 
+def _pad_length(cache: qwen3.KVCache, slots: int, mesh, rules) -> qwen3.KVCache:
+    """The cache with empty slots added after its own, up to `slots` along every array's length axis."""
+    def pad(a, axes):
+        length = axes.index("length")
+        widths = [(0, slots - a.shape[length]) if d == length else (0, 0) for d in range(a.ndim)]
+        return _constrain(jnp.pad(a, widths), axes, mesh, rules)
+
+    return cache.map_arrays(pad)
+
+
 def _expand_cache(cache: qwen3.KVCache, n: int, slots: int, mesh, rules) -> qwen3.KVCache:
     """Repeats each prompt's cache row n times and adds empty slots up to `slots`."""
-    T = cache.segment_ids.shape[1]
-    def grow(a, axis):  # repeat along the batch axis, pad the slot axis right after it
-        widths = [(0, slots - T) if d == axis + 1 else (0, 0) for d in range(a.ndim)]
-        return jnp.pad(jnp.repeat(a, n, axis=axis), widths)
-
-    return qwen3.KVCache(
-        k=_constrain(grow(cache.k, 1), CACHE_AXES, mesh, rules),
-        v=_constrain(grow(cache.v, 1), CACHE_AXES, mesh, rules),
-        segment_ids=_constrain(grow(cache.segment_ids, 0), ("batch", "length"), mesh, rules),
-        index=cache.index,
-    )
+    repeated = cache.map_arrays(lambda a, axes: jnp.repeat(a, n, axis=axes.index("batch")))
+    return _pad_length(repeated, slots, mesh, rules)
 
 
 def _loop_on_prefix(cache: qwen3.KVCache, read: int, index: jax.Array, running, step, carry, mesh=None, rules=None):
     """`lax.while_loop(running, step, (carry, prefix))` where prefix is the first `read` slots of
-    cache [L, B, S, K, H] with write index `index` ([] or [B]), so attention and the per-layer cache
+    cache (S slots) with write index `index` ([] or [B]), so attention and the per-layer cache
     copies cost `read` slots, not S; the prefix is then written back. step must write only below
     `read`. Returns (carry, cache) with cache.index unchanged. Both engines decode through this."""
-    if read == cache.k.shape[2]:
+    if read == cache.segment_ids.shape[1]:
         carry, prefix = jax.lax.while_loop(running, step, (carry, dataclasses.replace(cache, index=index)))
         return carry, dataclasses.replace(prefix, index=cache.index)
-    kv = lambda a: _constrain(a[:, :, :read], CACHE_AXES, mesh, rules)
-    segments = _constrain(cache.segment_ids[:, :read], ("batch", "length"), mesh, rules)
-    prefix = qwen3.KVCache(k=kv(cache.k), v=kv(cache.v), segment_ids=segments, index=index)
+    head = lambda a, axes: _constrain(jax.lax.slice_in_dim(a, 0, read, axis=axes.index("length")), axes, mesh, rules)
+    prefix = dataclasses.replace(cache.map_arrays(head), index=index)
     carry, prefix = jax.lax.while_loop(running, step, (carry, prefix))
     write = lambda a, b: jax.lax.dynamic_update_slice(a, b, (0,) * a.ndim)
     return carry, qwen3.KVCache(k=write(cache.k, prefix.k), v=write(cache.v, prefix.v),
@@ -642,7 +640,7 @@ def _state_shardings(state, mesh, rules) -> dict:
     (slots over the batch axes, kv heads over the kv_heads axes), the slot fields [slots] over the
     batch axes, the per-row outputs and counters replicated (small; rows land in them by scatter)."""
     axes = {name: ("batch",) if name in _SLOT_FIELDS else (None,) * x.ndim for name, x in state.items() if name != "cache"}
-    axes["cache"] = qwen3.KVCache(k=CACHE_AXES, v=CACHE_AXES, segment_ids=("batch", "length"), index=())
+    axes["cache"] = qwen3.KVCache(**qwen3.KVCache.AXES)
     return jax.tree.map(lambda x, names: sharding.named_sharding(x.shape, names, mesh, rules), state, axes)
 
 
@@ -665,16 +663,15 @@ def _prefill_slots(graphdef, params, state, keys, slot_ids, rows, tokens, pads, 
     put = lambda a, x: a.at[slot_ids].set(x, mode="drop")
     put_row = lambda a, x: a.at[rows].set(x, mode="drop")
     full = state["cache"]
-    columns = full.segment_ids.shape[1]
+    # whole slots: the previous occupant's later slots are masked by causality until overwritten; cleared anyway
+    new = _pad_length(cache, full.segment_ids.shape[1], mesh, rules)
     ended = _is_eos(token, config)
     return _constrain_state(dict(
         state,
-        cache=qwen3.KVCache(
-            k=full.k.at[:, slot_ids, :T].set(cache.k.astype(full.k.dtype), mode="drop"),
-            v=full.v.at[:, slot_ids, :T].set(cache.v.astype(full.v.dtype), mode="drop"),
-            # the previous occupant's later slots are masked by causality until overwritten; clear them anyway
-            segment_ids=put(full.segment_ids, jnp.pad(cache.segment_ids, ((0, 0), (0, columns - T)))),
-            index=full.index,
+        cache=dataclasses.replace(
+            full, k=full.k.at[:, slot_ids].set(new.k.astype(full.k.dtype), mode="drop"),
+            v=full.v.at[:, slot_ids].set(new.v.astype(full.v.dtype), mode="drop"),
+            segment_ids=put(full.segment_ids, new.segment_ids),
         ),
         row=put(state["row"], rows), step=put(state["step"], 1), token=put(state["token"], token),
         ended=put(state["ended"], ended), prompt_length=put(state["prompt_length"], T - pads),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -150,10 +150,15 @@ PRESETS = {
 class KVCache:
     """Keys and values of every layer, written at slot `index` onwards.
 
-    k, v:         [L, B, S, K, H]  cached keys (after RoPE) and values
+    k:            [L, B, K, H, S]  cached keys (after RoPE), stored length-last so that q . k is a
+                                   plain matmul per (row, kv head) (with [B, S, K, H], XLA:CPU's
+                                   decode attention dots took 3x longer, measured)
+    v:            [L, B, K, S, H]  cached values
     segment_ids:  [B, S] int32     segment of each cached slot; 0 marks an empty or padding slot
     index:        [] int32         next slot to write, the same for every row; or
                   [B] int32        each row's own next slot (decode slots of different lengths)
+
+    AXES names each array's logical axes (`hsd_jax.sharding` maps them to a mesh).
     """
 
     k: jax.Array
@@ -161,17 +166,29 @@ class KVCache:
     segment_ids: jax.Array
     index: jax.Array
 
+    AXES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "k": ("layers", "batch", "kv_heads", "head_dim", "length"),
+        "v": ("layers", "batch", "kv_heads", "length", "head_dim"),
+        "segment_ids": ("batch", "length"),
+        "index": (),
+    }
+
     @classmethod
     def init(cls, config: Qwen3Config, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
         """An empty cache of `max_len` slots; `dtype` defaults to the compute dtype."""
         dtype = DTYPES[dtype or config.dtype]
-        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+        L, K, H = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=jnp.zeros((L, batch, K, H, max_len), dtype),
+            v=jnp.zeros((L, batch, K, max_len, H), dtype),
             segment_ids=jnp.zeros((batch, max_len), jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
+
+    def map_arrays(self, fn) -> KVCache:
+        """The cache with each of k, v, segment_ids replaced by fn(array, its logical axes)."""
+        return dataclasses.replace(self, **{name: fn(getattr(self, name), self.AXES[name])
+                                            for name in ("k", "v", "segment_ids")})
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -204,37 +221,46 @@ def attention_mask(
     return causal & same_segment & (key_segments[:, None, :] != 0)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Grouped-query attention. q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, T, S] -> [B, T, N, H].
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Plain causal grouped-query attention (T == S). q: [B, T, N, H], k/v: [B, T, K, H] -> [B, T, N, H].
 
-    mask=None means plain causal attention (T == S): it goes through `jax.nn.dot_product_attention`,
-    which uses a fused kernel (cuDNN flash attention on GPU) that never holds the [T, S] scores.
+    It goes through `jax.nn.dot_product_attention`, which uses a fused kernel (cuDNN flash
+    attention on GPU) that never holds the [T, S] scores.
     """
-    if mask is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked grouped-query attention on the cache's layout.
+
+    q: [B, T, N, H], k: [B, K, H, S] (length-last), v: [B, K, S, H], mask: [B, T, S] -> [B, T, N, H].
+    """
     B, T, N, H = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * H**-0.5
-    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    K = k.shape[1]
+    G = N // K
+    q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)  # rows (g, t)
+    scores = jnp.matmul(q, k, preferred_element_type=jnp.float32) * H**-0.5  # [B, K, G T, S]
+    scores = jnp.where(jnp.tile(mask, (1, G, 1))[:, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
+    out = jnp.matmul(probs, v)  # [B, K, G T, H]
+    return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def write_at(buffer: jax.Array, update: jax.Array, start: tuple, time_axis: int, index: jax.Array) -> jax.Array:
+def write_at(buffer: jax.Array, update: jax.Array, start: tuple, time_axis: int, index: jax.Array,
+             batch_axis: int) -> jax.Array:
     """`lax.dynamic_update_slice(buffer, update, start)` with the time axis started at `index`.
 
-    index: [] writes every row at the same slot; [B] writes row b at slot index[b] (the batch
-    axis is `time_axis - 1`; `start` holds 0 there), as decode slots at different lengths need.
+    index: [] writes every row at the same slot; [B] writes row b (along `batch_axis`, where
+    `start` holds 0) at slot index[b], as decode slots at different lengths need.
     """
     if index.ndim == 0:
         return jax.lax.dynamic_update_slice(buffer, update, tuple(index if a == time_axis else s for a, s in enumerate(start)))
-    batch_axis = time_axis - 1
-    row_start = start[:batch_axis] + start[time_axis:]  # the batch axis removed: time is at batch_axis
+    row_start = start[:batch_axis] + start[batch_axis + 1:]
+    row_time_axis = time_axis - (time_axis > batch_axis)
 
     def write_row(buffer_row, update_row, i):
         return jax.lax.dynamic_update_slice(
-            buffer_row, update_row, tuple(i if a == batch_axis else s for a, s in enumerate(row_start))
+            buffer_row, update_row, tuple(i if a == row_time_axis else s for a, s in enumerate(row_start))
         )
 
     return jax.vmap(write_row, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(buffer, update, index)
@@ -244,15 +270,16 @@ def decoder_layer(
     x: jax.Array,
     p: dict[str, jax.Array],
     positions: jax.Array,
-    mask: jax.Array,
+    mask: jax.Array | None,
     cache: tuple[jax.Array, jax.Array, jax.Array] | None,
     write_index: jax.Array,
     config: Qwen3Config,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm decoder layer. x: [B, T, D]; p: this layer's parameters.
 
-    cache: (k, v) of all layers [L, B, S, K, H] and this layer's index l, or None. The new keys
-    and values are written in place at layer l, slot `write_index` ([] or per row [B]), and
+    cache: (k [L, B, K, H, S], v [L, B, K, S, H]) of all layers and this layer's index l, or None.
+    mask None (and no cache): plain causal attention. Otherwise the new keys and values go to the
+    cache's layout, are written in place at layer l, slot `write_index` ([] or per row [B]), and
     attention reads layer l's whole (updated) cache. Returns (x, updated (k, v) of all layers or None).
     """
     eps, dtype = config.rms_norm_eps, x.dtype
@@ -262,13 +289,17 @@ def decoder_layer(
     v = jnp.einsum("btd,dkh->btkh", h, p["v_proj"].astype(dtype))
     q = rope(rms_norm(q, p["q_norm"], eps), positions, config.rope_theta)
     k = rope(rms_norm(k, p["k_norm"], eps), positions, config.rope_theta)
-    if cache is not None:
-        k_all, v_all, l = cache
-        start = (l, 0, 0, 0, 0)
-        k_all = write_at(k_all, k[None].astype(k_all.dtype), start, 2, write_index)
-        v_all = write_at(v_all, v[None].astype(v_all.dtype), start, 2, write_index)
-        k, v = k_all[l], v_all[l]
-    attn = attention(q, k.astype(dtype), v.astype(dtype), mask)
+    if mask is None:
+        attn = causal_attention(q, k, v)
+    else:
+        k, v = jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))  # [B, K, H, T], [B, K, T, H]
+        if cache is not None:
+            k_all, v_all, l = cache
+            start = (l, 0, 0, 0, 0)
+            k_all = write_at(k_all, k[None].astype(k_all.dtype), start, 4, write_index, batch_axis=1)
+            v_all = write_at(v_all, v[None].astype(v_all.dtype), start, 3, write_index, batch_axis=1)
+            k, v = k_all[l], v_all[l]
+        attn = attention(q, k.astype(dtype), v.astype(dtype), mask)
     x = x + jnp.einsum("btnh,nhd->btd", attn, p["o_proj"].astype(dtype))
     h = rms_norm(x, p["mlp_norm"], eps)
     gate = jnp.einsum("btd,df->btf", h, p["gate_proj"].astype(dtype))
@@ -354,7 +385,7 @@ class Qwen3(nnx.Module):
                 segment_ids = jnp.ones((B, T), jnp.int32)
             key_segments = segment_ids
             if cache is not None:
-                key_segments = write_at(cache.segment_ids, segment_ids.astype(jnp.int32), (0, 0), 1, write_index)
+                key_segments = write_at(cache.segment_ids, segment_ids.astype(jnp.int32), (0, 0), 1, write_index, batch_axis=0)
             mask = attention_mask(segment_ids, key_segments, write_index[..., None] + jnp.arange(T))
 
         def layer(carry, p):
