@@ -251,19 +251,21 @@ def write_at(buffer: jax.Array, update: jax.Array, start: tuple, time_axis: int,
     """`lax.dynamic_update_slice(buffer, update, start)` with the time axis started at `index`.
 
     index: [] writes every row at the same slot; [B] writes row b (along `batch_axis`, where
-    `start` holds 0) at slot index[b], as decode slots at different lengths need.
+    `start` holds 0) at slot index[b], as decode slots at different lengths need (there, slots
+    past the end are dropped rather than clamped).
     """
     if index.ndim == 0:
         return jax.lax.dynamic_update_slice(buffer, update, tuple(index if a == time_axis else s for a, s in enumerate(start)))
-    row_start = start[:batch_axis] + start[batch_axis + 1:]
-    row_time_axis = time_axis - (time_axis > batch_axis)
 
-    def write_row(buffer_row, update_row, i):
-        return jax.lax.dynamic_update_slice(
-            buffer_row, update_row, tuple(i if a == row_time_axis else s for a, s in enumerate(row_start))
-        )
+    def coordinates(axis):  # buffer coordinates of the update's elements along `axis`, broadcastable to update's shape
+        shape = [update.shape[axis] if a == axis else 1 for a in range(update.ndim)]
+        offsets = jnp.arange(update.shape[axis]).reshape(shape)
+        if axis == time_axis:
+            return offsets + index.reshape([-1 if a == batch_axis else 1 for a in range(update.ndim)])
+        return offsets + start[axis]
 
-    return jax.vmap(write_row, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(buffer, update, index)
+    # one scatter; a vmapped dynamic_update_slice made XLA:CPU transpose the whole cache every step
+    return buffer.at[tuple(coordinates(a) for a in range(buffer.ndim))].set(update)
 
 
 def decoder_layer(
