@@ -275,7 +275,7 @@ def longtail_benchmark(args) -> None:
     def continuous(forced: np.ndarray):
         out, stats = sampling.generate_continuous(  # the key of static's first (for all rows: only) call
             graphdef, params, prompts, jax.random.fold_in(key, 0), sampling_config, slots=args.slots,
-            steps_per_call=args.steps_per_call, forced_lengths=forced)
+            steps_per_call=args.steps_per_call, refill_at=args.refill_at, forced_lengths=forced)
         return np.asarray(out.tokens), stats
 
     # warm-up (compiles): the static programs with every row ending at once; the continuous engine's
@@ -327,6 +327,8 @@ def main() -> None:
                         help="longtail: static vs continuous engine on long-tailed forced stop lengths")
     parser.add_argument("--slots", type=int, default=16, help="continuous engine's decode slots (--lengths longtail)")
     parser.add_argument("--steps_per_call", type=int, default=16, help="continuous engine's decode steps per call")
+    parser.add_argument("--refill_at", type=int, default=None,
+                        help="continuous engine: free slots that trigger a refill (default: its own, slots // 8)")
     args = parser.parse_args()
     if args.lengths == "longtail":
         args.hidden = args.hidden or 256

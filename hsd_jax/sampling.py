@@ -681,11 +681,12 @@ def _prefill_slots(graphdef, params, state, keys, slot_ids, rows, tokens, pads, 
     ), mesh, rules)
 
 
-def _decode_steps(graphdef, params, state, keys, refill, forced_lengths, config: SamplingConfig, steps: int, read: int,
+def _decode_steps(graphdef, params, state, keys, refill_at, forced_lengths, config: SamplingConfig, steps: int, read: int,
                   mesh, rules_items):
     """Runs up to `steps` decode steps for all slots, reading and writing only the first `read`
     cache slots (the host picks `read` >= every busy slot's need). Stops early when no slot is
-    busy, or when `refill` (rows are pending) and a slot has become free, so the host can refill it."""
+    busy, or when `refill_at` slots are free (the host passes more than `slots` when no row is
+    pending), so the host can refill them."""
     rules = None if rules_items is None else dict(rules_items)
     model = nnx.merge(graphdef, params)
     rows, M = state["tokens"].shape
@@ -716,7 +717,7 @@ def _decode_steps(graphdef, params, state, keys, refill, forced_lengths, config:
     def running(carry):
         (i, s), _ = carry
         busy = _busy(s, rows, config)
-        return (i < steps) & jnp.any(busy) & ~(refill & ~jnp.all(busy))
+        return (i < steps) & jnp.any(busy) & (jnp.sum(~busy) < refill_at)
 
     fields = {name: value for name, value in state.items() if name != "cache"}
     index = jnp.zeros((slots,), jnp.int32)  # set per step
@@ -740,6 +741,7 @@ def generate_continuous(
     slots: int,
     steps_per_call: int = 8,
     read_buckets: int = 8,
+    refill_at: int | None = None,
     forced_lengths: Sequence[int] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     rules: dict[str, tuple[str, ...]] | None = None,
@@ -748,8 +750,10 @@ def generate_continuous(
 
     The host loop: prefill pending rows into free slots (one jitted call, the count rounded up to
     a power of two), then run up to `steps_per_call` decode steps for all slots (one jitted call,
-    which returns early once a slot frees while rows are pending), until every row is done. So
-    no slot idles while a row waits; slots idle only in the tail, once nothing is pending.
+    which returns early once `refill_at` slots are free while rows are pending), until every row
+    is done. Free slots wait for refilling until `refill_at` of them (or as many as rows pending)
+    are free: 1 keeps every slot busy but pays a prefill call per finished row, whose LM head and
+    weight reads cost about as much for one row as for several; default max(1, slots // 8).
 
     key: one key, or [P * n] keys, one per row (`row_keys` of several `generate` calls' keys, to
     reproduce them in one call). Row r draws its t-th token with fold_in(row key r, t), whichever
@@ -762,7 +766,11 @@ def generate_continuous(
     """
     model_config = nnx.merge(graphdef, params).config
     check_prompts(prompts, config, model_config)
-    check_counts("generate_continuous", slots=slots, steps_per_call=steps_per_call, read_buckets=read_buckets)
+    refill_at = max(1, slots // 8) if refill_at is None else refill_at
+    check_counts("generate_continuous", slots=slots, steps_per_call=steps_per_call, read_buckets=read_buckets,
+                 refill_at=refill_at)
+    if refill_at > slots:
+        raise ValueError(f"generate_continuous: refill_at={refill_at} is more than the {slots} slots; use 1 .. slots.")
     if jax.process_count() > 1:
         raise ValueError(f"generate_continuous runs in one process, not {jax.process_count()}: use `generate` "
                          "(config.sampling.engine='static') on several hosts.")
@@ -786,7 +794,7 @@ def generate_continuous(
     while True:
         row, step, ended = jax.device_get((state["row"], state["step"], state["ended"]))
         free = np.flatnonzero((row >= rows) | ended | (step >= M))
-        if pending and len(free):
+        if pending and len(free) >= min(refill_at, len(pending)):
             take = min(len(free), len(pending))
             width = min(slots, 1 << (take - 1).bit_length())
             new_rows = np.full(width, rows, np.int32)
@@ -801,7 +809,8 @@ def generate_continuous(
         if not busy.any():
             break
         read = read_length(T, int(step[busy].max()) + steps_per_call - 1, config, read_buckets)
-        state = _decode_steps_jit(graphdef, params, state, keys, bool(pending), forced, steps=steps_per_call, read=read,
+        wait_for = min(refill_at, len(pending)) if pending else slots + 1
+        state = _decode_steps_jit(graphdef, params, state, keys, wait_for, forced, steps=steps_per_call, read=read,
                                   **options)
     lengths = state["lengths"]
     out = Rollouts(tokens=state["tokens"], logprobs=state["logprobs"], lengths=lengths, truncated=~state["row_ended"],

@@ -22,12 +22,12 @@ def split_model():
 
 
 @pytest.mark.parametrize(
-    "settings, forced",
-    [(dict(temperature=0.0, eos_ids=(96,)), [2, 9, 1, 12, 4, 7, 3, 14, 5, 1, 6, 30, 2, 8, 11]),
-     (dict(temperature=0.8, top_k=20, eos_ids=(3, 5, 8, 11, 13, 17)), None)],
-    ids=["greedy-forced-eos", "sampled-natural-eos"],
+    "settings, forced, refill_at",
+    [(dict(temperature=0.0, eos_ids=(96,)), [2, 9, 1, 12, 4, 7, 3, 14, 5, 1, 6, 30, 2, 8, 11], 1),
+     (dict(temperature=0.8, top_k=20, eos_ids=(3, 5, 8, 11, 13, 17)), None, 2)],
+    ids=["greedy-forced-eos", "sampled-natural-eos-refill-in-pairs"],
 )
-def test_continuous_equals_static(split_model, settings, forced):
+def test_continuous_equals_static(split_model, settings, forced, refill_at):
     graphdef, params = split_model
     config = sampling.SamplingConfig(max_new_tokens=12, n=3, **settings, **SETTINGS)
     key = jax.random.key(1)
@@ -35,7 +35,7 @@ def test_continuous_equals_static(split_model, settings, forced):
     lengths = static.lengths
     assert len(set(lengths.tolist())) >= 4 and static.truncated.any() and not static.truncated.all()
     out, stats = sampling.generate_continuous(graphdef, params, PROMPTS, key, config, slots=2, steps_per_call=3,
-                                              read_buckets=2, forced_lengths=forced)
+                                              read_buckets=2, refill_at=refill_at, forced_lengths=forced)
     out = jax.device_get(out)
     np.testing.assert_array_equal(out.tokens, static.tokens)
     np.testing.assert_allclose(out.logprobs, static.logprobs, atol=1e-5, rtol=0)
@@ -50,18 +50,23 @@ def test_continuous_equals_static(split_model, settings, forced):
 
 
 @pytest.mark.parametrize("steps_per_call", [1, 3])
-def test_utilisation_of_a_hand_counted_schedule(split_model, steps_per_call):
-    """Rows of lengths 3, 1, 2, 4 on 2 slots: r0, r1 prefilled; r1 ends at once and r2 takes its
-    slot; step 1: r0, r2 (r2 ends; with 3 steps per call the call returns here, as r3 waits); r3
-    refills; step 2: r0 (ends), r3; steps 3, 4: r3 alone. 4 steps; useful tokens 2 + 0 + 1 + 3 = 6."""
+@pytest.mark.parametrize("refill_at, decode_steps", [(1, 4), (2, 5)])
+def test_utilisation_of_a_hand_counted_schedule(split_model, steps_per_call, refill_at, decode_steps):
+    """Rows of lengths 3, 1, 2, 4 on 2 slots, useful tokens 2 + 0 + 1 + 3 = 6 either way.
+    refill_at 1: r0, r1 prefilled; r1 ends at once and r2 takes its slot; step 1: r0, r2 (r2 ends;
+    with 3 steps per call the call returns here, as r3 waits); r3 refills; step 2: r0 (ends), r3;
+    steps 3, 4: r3 alone. 4 steps.
+    refill_at 2: r1's slot waits for a second free one; steps 1, 2: r0 alone (ends); r2, r3 refill;
+    step 3: r2 (ends), r3; steps 4, 5: r3 alone. 5 steps."""
     graphdef, params = split_model
     config = sampling.SamplingConfig(max_new_tokens=8, temperature=0.0, eos_ids=(96,), **SETTINGS)
     prompts, forced = [[1, 2], [3], [4, 5, 6], [7]], [3, 1, 2, 4]
     out, stats = sampling.generate_continuous(graphdef, params, prompts, jax.random.key(0), config, slots=2,
-                                              steps_per_call=steps_per_call, read_buckets=1, forced_lengths=forced)
+                                              steps_per_call=steps_per_call, read_buckets=1, refill_at=refill_at,
+                                              forced_lengths=forced)
     np.testing.assert_array_equal(out.lengths, forced)
-    assert stats == sampling.DecodeStats(slots=2, decode_steps=4, useful_tokens=6)
-    assert stats.utilisation == 0.75
+    assert stats == sampling.DecodeStats(slots=2, decode_steps=decode_steps, useful_tokens=6)
+    assert stats.utilisation == 6 / (2 * decode_steps)
     # the static engine runs all 4 rows until the longest ends: 3 decode steps of 4 slots
     assert sampling.static_stats(out) == sampling.DecodeStats(slots=4, decode_steps=3, useful_tokens=6)
     assert sampling.static_stats(out).utilisation == 0.5

@@ -255,4 +255,7 @@ def test_bad_input_is_a_clear_error_before_tracing(split_model):
         sampling.generate(graphdef, params, [[1]], key, dataclasses.replace(config, eos_ids=(V,)))
     with pytest.raises(ValueError, match="read_buckets=0"):
         sampling.generate(graphdef, params, [[1]], key, config, read_buckets=0)
+    for refill_at, match in [(0, "refill_at=0"), (3, "refill_at=3 is more than the 2 slots")]:
+        with pytest.raises(ValueError, match=match):
+            sampling.generate_continuous(graphdef, params, [[1]], key, config, slots=2, refill_at=refill_at)
     assert sampling.compiled_variants() == before
