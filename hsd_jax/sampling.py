@@ -41,10 +41,12 @@ rows): the same rows and results with a
 fixed number of decode slots, for long-tailed lengths where the static loop keeps finished rows
 in the batch until the longest ends. A host loop alternates two jitted calls over one device
 state (slot cache of T + M - 1 slots per decode slot, per-slot row / step / last token, outputs
-[B, M]): `_prefill_slots` prefills the next pending rows' prompts into free slots (cache slots
-[0, T), the count rounded up to a power of two) and draws their first token; `_decode_steps`
-runs up to `steps_per_call` decode steps for all slots, each slot writing its own cache slot
-(`KVCache.index` per row), and returns as soon as a slot frees while rows are pending. Row r's
+[B, M], and a staging area of `slots` prefilled rows): `_stage_rows` prefills the next `slots`
+pending rows' prompts at once (one full-width call, so the LM head and the weights are read once
+per `slots` rows, not once per finished row) and draws their first token; `_decode_steps` first
+copies staged rows into free slots, then runs up to `steps_per_call` decode steps for all slots,
+each slot writing its own cache slot (`KVCache.index` per row), and returns as soon as
+`refill_at` slots are free while rows wait. Row r's
 t-th token uses the key fold_in(row_keys[r], t) whichever slot holds it (`row_keys`: fold_in(key, r)
 for one key, or given per row to reproduce several `generate` calls), so results do not
 depend on scheduling and equal `generate`'s (logprobs to float rounding: batch sizes differ).
@@ -616,17 +618,22 @@ def _busy(state, rows: int, config: SamplingConfig) -> jax.Array:
     return (state["row"] < rows) & ~state["ended"] & (state["step"] < config.max_new_tokens)
 
 
-def _empty_state(model_config: qwen3.Qwen3Config, slots: int, rows: int, columns: int, config: SamplingConfig):
-    """Device state of the continuous engine: slot fields [slots], outputs [rows, M], cache [.., slots, columns, ..].
+def _empty_state(model_config: qwen3.Qwen3Config, slots: int, rows: int, T: int, config: SamplingConfig):
+    """Device state of the continuous engine: slot fields [slots] and cache [.., slots, T + M - 1, ..],
+    outputs [rows, M], and `staged`: the same slot fields and a cache of T slots for up to `slots`
+    prefilled rows waiting for a decode slot.
 
     row: the row a slot holds (rows = none); step: tokens that row has drawn; token: its last
     token; ended: it drew an EOS; prompt_length: its first generated position.
     """
     M = config.max_new_tokens
     slot = lambda value, dtype=jnp.int32: jnp.full((slots,), value, dtype)
-    return dict(
+    slot_fields = lambda columns: dict(
         cache=qwen3.KVCache.init(model_config, slots, columns, config.cache_dtype),
         row=slot(rows), step=slot(0), token=slot(config.pad_id), ended=slot(False, bool), prompt_length=slot(0),
+    )
+    return dict(
+        slot_fields(T + M - 1), staged=slot_fields(T),
         tokens=jnp.full((rows, M), config.pad_id, jnp.int32), logprobs=jnp.zeros((rows, M), jnp.float32),
         lengths=jnp.zeros((rows,), jnp.int32), row_ended=jnp.zeros((rows,), bool), decode_steps=jnp.zeros((), jnp.int32),
     )
@@ -639,9 +646,15 @@ def _state_shardings(state, mesh, rules) -> dict:
     """Where the continuous engine's state lives on `mesh`: the cache as the static engine's
     (slots over the batch axes, kv heads over the kv_heads axes), the slot fields [slots] over the
     batch axes, the per-row outputs and counters replicated (small; rows land in them by scatter)."""
-    axes = {name: ("batch",) if name in _SLOT_FIELDS else (None,) * x.ndim for name, x in state.items() if name != "cache"}
-    axes["cache"] = qwen3.KVCache(**qwen3.KVCache.AXES)
-    return jax.tree.map(lambda x, names: sharding.named_sharding(x.shape, names, mesh, rules), state, axes)
+    def axes_of(state):
+        axes = {name: ("batch",) if name in _SLOT_FIELDS else (None,) * x.ndim
+                for name, x in state.items() if name not in ("cache", "staged")}
+        axes["cache"] = qwen3.KVCache(**qwen3.KVCache.AXES)
+        if "staged" in state:
+            axes["staged"] = axes_of(state["staged"])
+        return axes
+
+    return jax.tree.map(lambda x, names: sharding.named_sharding(x.shape, names, mesh, rules), state, axes_of(state))
 
 
 def _constrain_state(state, mesh, rules) -> dict:
@@ -649,46 +662,51 @@ def _constrain_state(state, mesh, rules) -> dict:
     return state if mesh is None else jax.lax.with_sharding_constraint(state, _state_shardings(state, mesh, rules))
 
 
-def _prefill_slots(graphdef, params, state, keys, slot_ids, rows, tokens, pads, forced_lengths, config: SamplingConfig,
-                   mesh, rules_items):
-    """Prefills prompts tokens [p, T] (left-padded, pads [p]) of rows [p] into slots slot_ids [p]
-    and draws each row's first token with its stream keys[row] (keys [R]). Entries with
-    slot_ids = slots and rows = R are padding (dropped)."""
+def _stage_rows(graphdef, params, state, keys, rows, tokens, pads, forced_lengths, config: SamplingConfig,
+                mesh, rules_items):
+    """Prefills the prompts tokens [slots, T] (left-padded, pads [slots]) of rows [slots] into the
+    staging area and draws each row's first token with its stream keys[row] (keys [R]), written to
+    the outputs at once. Entries with rows = R are padding (dropped)."""
     rules = None if rules_items is None else dict(rules_items)
     model = nnx.merge(graphdef, params)
-    T = tokens.shape[1]
     logits, cache = _prefill(model, tokens, pads, config, mesh, rules)
     token, logprob = _draw_rows(logits, keys, rows, jnp.zeros_like(rows), forced_lengths, config,
                                 _row_groups(len(rows), mesh, rules))
-    put = lambda a, x: a.at[slot_ids].set(x, mode="drop")
     put_row = lambda a, x: a.at[rows].set(x, mode="drop")
-    full = state["cache"]
-    # whole slots: the previous occupant's later slots are masked by causality until overwritten; cleared anyway
-    new = _pad_length(cache, full.segment_ids.shape[1], mesh, rules)
     ended = _is_eos(token, config)
+    staged = dict(cache=cache, row=rows, step=jnp.ones_like(rows), token=token, ended=ended, prompt_length=tokens.shape[1] - pads)
     return _constrain_state(dict(
-        state,
-        cache=dataclasses.replace(
-            full, k=full.k.at[:, slot_ids].set(new.k.astype(full.k.dtype), mode="drop"),
-            v=full.v.at[:, slot_ids].set(new.v.astype(full.v.dtype), mode="drop"),
-            segment_ids=put(full.segment_ids, new.segment_ids),
-        ),
-        row=put(state["row"], rows), step=put(state["step"], 1), token=put(state["token"], token),
-        ended=put(state["ended"], ended), prompt_length=put(state["prompt_length"], T - pads),
+        state, staged=staged,
         tokens=state["tokens"].at[rows, 0].set(token, mode="drop"),
         logprobs=state["logprobs"].at[rows, 0].set(logprob, mode="drop"),
         lengths=put_row(state["lengths"], 1), row_ended=put_row(state["row_ended"], ended),
     ), mesh, rules)
 
 
-def _decode_steps(graphdef, params, state, keys, refill_at, forced_lengths, config: SamplingConfig, steps: int, read: int,
-                  mesh, rules_items):
-    """Runs up to `steps` decode steps for all slots, reading and writing only the first `read`
-    cache slots (the host picks `read` >= every busy slot's need). Stops early when no slot is
-    busy, or when `refill_at` slots are free (the host passes more than `slots` when no row is
-    pending), so the host can refill them."""
+def _place(state, slot_ids, staged_ids, mesh, rules):
+    """Moves the staged rows staged_ids [slots] into the decode slots slot_ids [slots]: their
+    prompt caches (whole slots: the previous occupant's later cache slots are masked by causality
+    until overwritten, and cleared anyway) and slot fields. Entries with slot_ids = slots are padding."""
+    staged, full = state["staged"], state["cache"]
+    pick = lambda a, axis: jnp.take(a, staged_ids, axis=axis, mode="clip")
+    new = _pad_length(staged["cache"].map_arrays(lambda a, axes: pick(a, axes.index("batch"))),
+                      full.segment_ids.shape[1], mesh, rules)
+    put = lambda a, x: a.at[slot_ids].set(x, mode="drop")
+    cache = dataclasses.replace(full, k=full.k.at[:, slot_ids].set(new.k, mode="drop"),
+                                v=full.v.at[:, slot_ids].set(new.v, mode="drop"),
+                                segment_ids=put(full.segment_ids, new.segment_ids))
+    return dict(state, cache=cache, **{name: put(state[name], pick(staged[name], 0)) for name in _SLOT_FIELDS})
+
+
+def _decode_steps(graphdef, params, state, keys, slot_ids, staged_ids, refill_at, forced_lengths,
+                  config: SamplingConfig, steps: int, read: int, mesh, rules_items):
+    """Places staged rows (see `_place`), then runs up to `steps` decode steps for all slots,
+    reading and writing only the first `read` cache slots (the host picks `read` >= every busy
+    slot's need). Stops early when no slot is busy, or when `refill_at` slots are free (the host
+    passes more than `slots` when no row waits), so the host can refill them."""
     rules = None if rules_items is None else dict(rules_items)
     model = nnx.merge(graphdef, params)
+    state = _place(state, slot_ids, staged_ids, mesh, rules)
     rows, M = state["tokens"].shape
     T = state["cache"].segment_ids.shape[1] - M + 1  # prompt bucket
     slots = state["cache"].k.shape[1]
@@ -719,15 +737,15 @@ def _decode_steps(graphdef, params, state, keys, refill_at, forced_lengths, conf
         busy = _busy(s, rows, config)
         return (i < steps) & jnp.any(busy) & (jnp.sum(~busy) < refill_at)
 
-    fields = {name: value for name, value in state.items() if name != "cache"}
+    fields = {name: value for name, value in state.items() if name not in ("cache", "staged")}
     index = jnp.zeros((slots,), jnp.int32)  # set per step
     (_, s), cache = _loop_on_prefix(state["cache"], read, index, running, step, (jnp.zeros((), jnp.int32), fields),
                                     mesh, rules)
-    return _constrain_state(dict(s, cache=cache), mesh, rules)
+    return _constrain_state(dict(s, cache=cache, staged=state["staged"]), mesh, rules)
 
 
-_prefill_slots_jit = jax.jit(_prefill_slots, static_argnames=("graphdef", "config", "mesh", "rules_items"),
-                             donate_argnames="state")
+_stage_rows_jit = jax.jit(_stage_rows, static_argnames=("graphdef", "config", "mesh", "rules_items"),
+                          donate_argnames="state")
 _decode_steps_jit = jax.jit(_decode_steps, static_argnames=("graphdef", "config", "steps", "read", "mesh", "rules_items"),
                             donate_argnames="state")
 
@@ -741,19 +759,18 @@ def generate_continuous(
     slots: int,
     steps_per_call: int = 8,
     read_buckets: int = 8,
-    refill_at: int | None = None,
+    refill_at: int = 1,
     forced_lengths: Sequence[int] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     rules: dict[str, tuple[str, ...]] | None = None,
 ) -> tuple[Rollouts, DecodeStats]:
     """`generate`'s rows and results with `slots` decode slots that are refilled as rows finish.
 
-    The host loop: prefill pending rows into free slots (one jitted call, the count rounded up to
-    a power of two), then run up to `steps_per_call` decode steps for all slots (one jitted call,
-    which returns early once `refill_at` slots are free while rows are pending), until every row
-    is done. Free slots wait for refilling until `refill_at` of them (or as many as rows pending)
-    are free: 1 keeps every slot busy but pays a prefill call per finished row, whose LM head and
-    weight reads cost about as much for one row as for several; default max(1, slots // 8).
+    The host loop: prefill the next `slots` pending rows into the staging area (one jitted call)
+    whenever it is empty, then place staged rows into free slots and run up to `steps_per_call`
+    decode steps for all slots (one jitted call, which returns early once `refill_at` slots are
+    free while rows wait), until every row is done. refill_at > 1 trades idle slots for fewer
+    host round trips (measured on CPU: 1 is faster).
 
     key: one key, or [P * n] keys, one per row (`row_keys` of several `generate` calls' keys, to
     reproduce them in one call). Row r draws its t-th token with fold_in(row key r, t), whichever
@@ -766,7 +783,6 @@ def generate_continuous(
     """
     model_config = nnx.merge(graphdef, params).config
     check_prompts(prompts, config, model_config)
-    refill_at = max(1, slots // 8) if refill_at is None else refill_at
     check_counts("generate_continuous", slots=slots, steps_per_call=steps_per_call, read_buckets=read_buckets,
                  refill_at=refill_at)
     if refill_at > slots:
@@ -786,32 +802,34 @@ def generate_continuous(
     if mesh is not None:
         rules = SAMPLING_RULES if rules is None else rules
         rules_items = tuple(sorted((k, tuple(v)) for k, v in rules.items()))
-    empty = lambda: _empty_state(model_config, slots, rows, T + M - 1, config)
+    empty = lambda: _empty_state(model_config, slots, rows, T, config)
     placement = None if mesh is None else _state_shardings(jax.eval_shape(empty), mesh, rules)
     state = jax.jit(empty, out_shardings=placement)()
     options = dict(config=config, mesh=mesh, rules_items=rules_items)
-    pending = list(range(rows))
+    pending, staged = list(range(rows)), []  # rows not yet prefilled; staging positions not yet placed
     while True:
-        row, step, ended = jax.device_get((state["row"], state["step"], state["ended"]))
-        free = np.flatnonzero((row >= rows) | ended | (step >= M))
-        if pending and len(free) >= min(refill_at, len(pending)):
-            take = min(len(free), len(pending))
-            width = min(slots, 1 << (take - 1).bit_length())
-            new_rows = np.full(width, rows, np.int32)
-            new_rows[:take], pending = pending[:take], pending[take:]
-            slot_ids = np.full(width, slots, np.int32)
-            slot_ids[:take] = free[:take]
+        if pending and not staged:
+            new_rows = np.full(slots, rows, np.int32)
+            new_rows[:min(slots, len(pending))], pending = pending[:slots], pending[slots:]
             prompt_ids = np.where(new_rows < rows, new_rows // n, 0)
-            state = _prefill_slots_jit(graphdef, params, state, keys, slot_ids, new_rows, tokens[prompt_ids],
-                                       pads[prompt_ids], forced, **options)
-            continue
+            state = _stage_rows_jit(graphdef, params, state, keys, new_rows, tokens[prompt_ids], pads[prompt_ids],
+                                    forced, **options)
+            staged = list(np.flatnonzero(new_rows < rows))
+        row, step, ended = jax.device_get((state["row"], state["step"], state["ended"]))
         busy = (row < rows) & ~ended & (step < M)
-        if not busy.any():
+        free = np.flatnonzero(~busy)
+        waiting = len(staged) + len(pending)
+        take = min(len(free), len(staged)) if waiting and len(free) >= min(refill_at, waiting) else 0
+        if not take and not busy.any():
             break
-        read = read_length(T, int(step[busy].max()) + steps_per_call - 1, config, read_buckets)
-        wait_for = min(refill_at, len(pending)) if pending else slots + 1
-        state = _decode_steps_jit(graphdef, params, state, keys, wait_for, forced, steps=steps_per_call, read=read,
-                                  **options)
+        slot_ids, staged_ids = np.full(slots, slots, np.int32), np.zeros(slots, np.int32)
+        slot_ids[:take], staged_ids[:take], staged = free[:take], staged[:take], staged[take:]
+        reach = int(step[busy].max()) if busy.any() else 1  # placed rows have drawn 1 token
+        read = read_length(T, reach + steps_per_call - 1, config, read_buckets)
+        waiting = len(staged) + len(pending)
+        state = _decode_steps_jit(graphdef, params, state, keys, slot_ids, staged_ids,
+                                  min(refill_at, waiting) if waiting else slots + 1, forced,
+                                  steps=steps_per_call, read=read, **options)
     lengths = state["lengths"]
     out = Rollouts(tokens=state["tokens"], logprobs=state["logprobs"], lengths=lengths, truncated=~state["row_ended"],
                    prompt_index=jnp.arange(rows, dtype=jnp.int32) // n)
