@@ -81,7 +81,8 @@ SAMPLING_RULES: dict[str, tuple[str, ...]] = {**sharding.DEFAULT_RULES, "embed":
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _BLOCK = 128  # tokens per block of the two-level inverse-CDF draw
 _ONE_BITS = 0x3F800000  # float32 bit pattern of 1.0
-_CHUNK_ELEMENTS = 2**18  # CPU: logits per row chunk of the full-vocabulary search (about 1 MiB)
+_CHUNK_ELEMENTS = 2**20  # CPU: logits per row chunk of the full-vocabulary search (4 MiB, L3-resident; measured
+# interleaved at [32, 151936]: 20 % faster than one row of 1 MiB at a time, fewer and longer loops)
 STATIC_READ_BUCKETS = 4  # `generate`'s default decode segments (each a copy of the decode step in its program)
 
 
