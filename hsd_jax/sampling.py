@@ -684,18 +684,25 @@ def _stage_rows(graphdef, params, state, keys, rows, tokens, pads, forced_length
     ), mesh, rules)
 
 
-def _place(state, slot_ids, staged_ids, mesh, rules):
+def _place(state, slot_ids, staged_ids):
     """Moves the staged rows staged_ids [slots] into the decode slots slot_ids [slots]: their
-    prompt caches (whole slots: the previous occupant's later cache slots are masked by causality
-    until overwritten, and cleared anyway) and slot fields. Entries with slot_ids = slots are padding."""
+    prompt keys and values (cache slots [0, T); the previous occupant's later ones are masked by
+    causality until overwritten), segment ids (whole slots, so those are cleared anyway) and slot
+    fields. Entries with slot_ids = slots are padding (dropped)."""
     staged, full = state["staged"], state["cache"]
     pick = lambda a, axis: jnp.take(a, staged_ids, axis=axis, mode="clip")
-    new = _pad_length(staged["cache"].map_arrays(lambda a, axes: pick(a, axes.index("batch"))),
-                      full.segment_ids.shape[1], mesh, rules)
     put = lambda a, x: a.at[slot_ids].set(x, mode="drop")
-    cache = dataclasses.replace(full, k=full.k.at[:, slot_ids].set(new.k, mode="drop"),
-                                v=full.v.at[:, slot_ids].set(new.v, mode="drop"),
-                                segment_ids=put(full.segment_ids, new.segment_ids))
+
+    def put_prompt(name):  # the staged rows' cache slots [0, T) into the decode slots' [0, T)
+        axes = qwen3.KVCache.AXES[name]
+        prompt = pick(getattr(staged["cache"], name), axes.index("batch"))
+        index = tuple(slot_ids if axis == "batch" else slice(0, prompt.shape[d]) if axis == "length" else slice(None)
+                      for d, axis in enumerate(axes))
+        return getattr(full, name).at[index].set(prompt, mode="drop")
+
+    segments = pick(staged["cache"].segment_ids, 0)
+    segments = jnp.pad(segments, ((0, 0), (0, full.segment_ids.shape[1] - segments.shape[1])))
+    cache = dataclasses.replace(full, k=put_prompt("k"), v=put_prompt("v"), segment_ids=put(full.segment_ids, segments))
     return dict(state, cache=cache, **{name: put(state[name], pick(staged[name], 0)) for name in _SLOT_FIELDS})
 
 
@@ -704,10 +711,11 @@ def _decode_steps(graphdef, params, state, keys, slot_ids, staged_ids, refill_at
     """Places staged rows (see `_place`), then runs up to `steps` decode steps for all slots,
     reading and writing only the first `read` cache slots (the host picks `read` >= every busy
     slot's need). Stops early when no slot is busy, or when `refill_at` slots are free (the host
-    passes more than `slots` when no row waits), so the host can refill them."""
+    passes min(its refill_at, rows waiting), or more than `slots` when no row waits), so the host
+    can refill them."""
     rules = None if rules_items is None else dict(rules_items)
     model = nnx.merge(graphdef, params)
-    state = _place(state, slot_ids, staged_ids, mesh, rules)
+    state = _place(state, slot_ids, staged_ids)
     rows, M = state["tokens"].shape
     T = state["cache"].segment_ids.shape[1] - M + 1  # prompt bucket
     slots = state["cache"].k.shape[1]
@@ -810,8 +818,9 @@ def generate_continuous(
     pending, staged = list(range(rows)), []  # rows not yet prefilled; staging positions not yet placed
     while True:
         if pending and not staged:
+            count = min(slots, len(pending))
             new_rows = np.full(slots, rows, np.int32)
-            new_rows[:min(slots, len(pending))], pending = pending[:slots], pending[slots:]
+            new_rows[:count], pending = pending[:count], pending[count:]
             prompt_ids = np.where(new_rows < rows, new_rows // n, 0)
             state = _stage_rows_jit(graphdef, params, state, keys, new_rows, tokens[prompt_ids], pads[prompt_ids],
                                     forced, **options)

@@ -265,7 +265,7 @@ def write_at(buffer: jax.Array, update: jax.Array, start: tuple, time_axis: int,
         return offsets + start[axis]
 
     # one scatter; a vmapped dynamic_update_slice made XLA:CPU transpose the whole cache every step
-    return buffer.at[tuple(coordinates(a) for a in range(buffer.ndim))].set(update)
+    return buffer.at[tuple(coordinates(a) for a in range(buffer.ndim))].set(update, mode="drop")
 
 
 def decoder_layer(
