@@ -385,7 +385,7 @@ def _row_groups(batch: int, mesh, rules) -> int:
 
 
 def _prefill(model, tokens: jax.Array, pads: jax.Array, config: SamplingConfig, mesh, rules):
-    """Runs the P prompts [P, T] and returns (last logits [P, V], cache [L, P, T, K, H] filled)."""
+    """Runs the P prompts [P, T] and returns (last logits [P, V], the cache of its T slots filled)."""
     P, T = tokens.shape
     slots = jnp.arange(T)[None]
     positions = jnp.maximum(slots - pads[:, None], 0)
