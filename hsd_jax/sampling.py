@@ -619,10 +619,12 @@ def _busy(state, rows: int, config: SamplingConfig) -> jax.Array:
     return (state["row"] < rows) & ~state["ended"] & (state["step"] < config.max_new_tokens)
 
 
-def _empty_state(model_config: qwen3.Qwen3Config, slots: int, rows: int, T: int, config: SamplingConfig):
+def _empty_state(model_config: qwen3.Qwen3Config, slots: int, rows: int, T: int, config: SamplingConfig, mesh,
+                 rules_items):
     """Device state of the continuous engine: slot fields [slots] and cache [.., slots, T + M - 1, ..],
     outputs [rows, M], and `staged`: the same slot fields and a cache of T slots for up to `slots`
-    prefilled rows waiting for a decode slot.
+    prefilled rows waiting for a decode slot (a prefix of them; rows = none), placed in order from
+    `staged_next`.
 
     row: the row a slot holds (rows = none); step: tokens that row has drawn; token: its last
     token; ended: it drew an EOS; prompt_length: its first generated position.
@@ -633,11 +635,13 @@ def _empty_state(model_config: qwen3.Qwen3Config, slots: int, rows: int, T: int,
         cache=qwen3.KVCache.init(model_config, slots, columns, config.cache_dtype),
         row=slot(rows), step=slot(0), token=slot(config.pad_id), ended=slot(False, bool), prompt_length=slot(0),
     )
-    return dict(
+    rules = None if rules_items is None else dict(rules_items)
+    return _constrain_state(dict(
         slot_fields(T + M - 1), staged=slot_fields(T),
         tokens=jnp.full((rows, M), config.pad_id, jnp.int32), logprobs=jnp.zeros((rows, M), jnp.float32),
         lengths=jnp.zeros((rows,), jnp.int32), row_ended=jnp.zeros((rows,), bool), decode_steps=jnp.zeros((), jnp.int32),
-    )
+        staged_next=jnp.zeros((), jnp.int32),
+    ), mesh, rules)
 
 
 _SLOT_FIELDS = ("row", "step", "token", "ended", "prompt_length")
@@ -667,7 +671,7 @@ def _stage_rows(graphdef, params, state, keys, rows, tokens, pads, forced_length
                 mesh, rules_items):
     """Prefills the prompts tokens [slots, T] (left-padded, pads [slots]) of rows [slots] into the
     staging area and draws each row's first token with its stream keys[row] (keys [R]), written to
-    the outputs at once. Entries with rows = R are padding (dropped)."""
+    the outputs at once. Entries with rows = R are padding (dropped), after the real ones."""
     rules = None if rules_items is None else dict(rules_items)
     model = nnx.merge(graphdef, params)
     logits, cache = _prefill(model, tokens, pads, config, mesh, rules)
@@ -677,19 +681,19 @@ def _stage_rows(graphdef, params, state, keys, rows, tokens, pads, forced_length
     ended = _is_eos(token, config)
     staged = dict(cache=cache, row=rows, step=jnp.ones_like(rows), token=token, ended=ended, prompt_length=tokens.shape[1] - pads)
     return _constrain_state(dict(
-        state, staged=staged,
+        state, staged=staged, staged_next=jnp.zeros((), jnp.int32),
         tokens=state["tokens"].at[rows, 0].set(token, mode="drop"),
         logprobs=state["logprobs"].at[rows, 0].set(logprob, mode="drop"),
         lengths=put_row(state["lengths"], 1), row_ended=put_row(state["row_ended"], ended),
     ), mesh, rules)
 
 
-def _place(state, slot_ids, staged_ids):
-    """Moves the staged rows staged_ids [slots] into the decode slots slot_ids [slots]: their
-    prompt keys and values (cache slots [0, T); the previous occupant's later ones are masked by
-    causality until overwritten), segment ids (whole slots, so those are cleared anyway) and slot
-    fields. Entries with slot_ids = slots are padding (dropped)."""
-    staged, full = state["staged"], state["cache"]
+def _place(s, cache: qwen3.KVCache, staged, slot_ids, staged_ids):
+    """Moves the staged rows staged_ids [slots] into the decode slots slot_ids [slots] of the slot
+    fields s and cache: their prompt keys and values (cache slots [0, T); the previous occupant's
+    later ones are masked by causality until overwritten), segment ids (every slot of the cache,
+    so those are cleared anyway) and slot fields. Entries with slot_ids = slots are padding
+    (dropped). Returns (s, cache)."""
     pick = lambda a, axis: jnp.take(a, staged_ids, axis=axis, mode="clip")
     put = lambda a, x: a.at[slot_ids].set(x, mode="drop")
 
@@ -698,24 +702,35 @@ def _place(state, slot_ids, staged_ids):
         prompt = pick(getattr(staged["cache"], name), axes.index("batch"))
         index = tuple(slot_ids if axis == "batch" else slice(0, prompt.shape[d]) if axis == "length" else slice(None)
                       for d, axis in enumerate(axes))
-        return getattr(full, name).at[index].set(prompt, mode="drop")
+        return getattr(cache, name).at[index].set(prompt, mode="drop")
 
     segments = pick(staged["cache"].segment_ids, 0)
-    segments = jnp.pad(segments, ((0, 0), (0, full.segment_ids.shape[1] - segments.shape[1])))
-    cache = dataclasses.replace(full, k=put_prompt("k"), v=put_prompt("v"), segment_ids=put(full.segment_ids, segments))
-    return dict(state, cache=cache, **{name: put(state[name], pick(staged[name], 0)) for name in _SLOT_FIELDS})
+    segments = jnp.pad(segments, ((0, 0), (0, cache.segment_ids.shape[1] - segments.shape[1])))
+    cache = dataclasses.replace(cache, k=put_prompt("k"), v=put_prompt("v"), segment_ids=put(cache.segment_ids, segments))
+    return dict(s, **{name: put(s[name], pick(staged[name], 0)) for name in _SLOT_FIELDS}), cache
 
 
-def _decode_steps(graphdef, params, state, keys, slot_ids, staged_ids, refill_at, forced_lengths,
-                  config: SamplingConfig, steps: int, read: int, mesh, rules_items):
-    """Places staged rows (see `_place`), then runs up to `steps` decode steps for all slots,
-    reading and writing only the first `read` cache slots (the host picks `read` >= every busy
-    slot's need). Stops early when no slot is busy, or when `refill_at` slots are free (the host
-    passes min(its refill_at, rows waiting), or more than `slots` when no row waits), so the host
-    can refill them."""
+def _fill_free_slots(s, cache: qwen3.KVCache, staged, rows: int, config: SamplingConfig):
+    """Places the next staged rows (from s["staged_next"], in order) into the free slots (in slot
+    order), as many as both allow; a placed row that has already ended (EOS as its first token)
+    leaves its slot free until the next fill. Returns (s, cache)."""
+    free = ~_busy(s, rows, config)
+    staged_ids = s["staged_next"] + jnp.cumsum(free) - 1
+    fill = free & (jnp.take(staged["row"], staged_ids, mode="fill", fill_value=rows) < rows)
+    slot_ids = jnp.where(fill, jnp.arange(len(free)), len(free))
+    s = dict(s, staged_next=s["staged_next"] + jnp.sum(fill))
+    return jax.lax.cond(jnp.any(fill), lambda: _place(s, cache, staged, slot_ids, staged_ids), lambda: (s, cache))
+
+
+def _decode_steps(graphdef, params, state, keys, refill_at, forced_lengths, config: SamplingConfig, steps: int,
+                  read: int, mesh, rules_items):
+    """Runs up to `steps` decode steps for all slots, filling free slots with staged rows before
+    the first step and after each (`_fill_free_slots`), reading and writing only the first `read`
+    cache slots (the host picks `read` >= every busy slot's need). Stops early when no slot is busy,
+    or when `refill_at` slots are free with no staged row left (the host passes min(its refill_at,
+    rows it has not staged yet), or more than `slots` when none), so the host can stage more."""
     rules = None if rules_items is None else dict(rules_items)
     model = nnx.merge(graphdef, params)
-    state = _place(state, slot_ids, staged_ids)
     rows, M = state["tokens"].shape
     T = state["cache"].segment_ids.shape[1] - M + 1  # prompt bucket
     slots = state["cache"].k.shape[1]
@@ -739,6 +754,7 @@ def _decode_steps(graphdef, params, state, keys, slot_ids, staged_ids, refill_at
             row_ended=s["row_ended"].at[target].set(ended, mode="drop"),
             decode_steps=s["decode_steps"] + 1,
         )
+        s, cache = _fill_free_slots(s, cache, state["staged"], rows, config)
         return (i + 1, s), cache
 
     def running(carry):
@@ -747,12 +763,13 @@ def _decode_steps(graphdef, params, state, keys, slot_ids, staged_ids, refill_at
         return (i < steps) & jnp.any(busy) & (jnp.sum(~busy) < refill_at)
 
     fields = {name: value for name, value in state.items() if name not in ("cache", "staged")}
+    fields, cache = _fill_free_slots(fields, state["cache"], state["staged"], rows, config)
     index = jnp.zeros((slots,), jnp.int32)  # set per step
-    (_, s), cache = _loop_on_prefix(state["cache"], read, index, running, step, (jnp.zeros((), jnp.int32), fields),
-                                    mesh, rules)
+    (_, s), cache = _loop_on_prefix(cache, read, index, running, step, (jnp.zeros((), jnp.int32), fields), mesh, rules)
     return _constrain_state(dict(s, cache=cache, staged=state["staged"]), mesh, rules)
 
 
+_empty_state_jit = jax.jit(_empty_state, static_argnums=range(7))
 _stage_rows_jit = jax.jit(_stage_rows, static_argnames=("graphdef", "config", "mesh", "rules_items"),
                           donate_argnames="state")
 _decode_steps_jit = jax.jit(_decode_steps, static_argnames=("graphdef", "config", "steps", "read", "mesh", "rules_items"),
@@ -776,10 +793,10 @@ def generate_continuous(
     """`generate`'s rows and results with `slots` decode slots that are refilled as rows finish.
 
     The host loop: prefill the next `slots` pending rows into the staging area (one jitted call)
-    whenever it is empty, then place staged rows into free slots and run up to `steps_per_call`
-    decode steps for all slots (one jitted call, which returns early once `refill_at` slots are
-    free while rows wait), until every row is done. refill_at > 1 trades idle slots for fewer
-    host round trips (measured on CPU: 1 is faster).
+    whenever it is empty, then run up to `steps_per_call` decode steps for all slots (one jitted
+    call, which places staged rows into slots as they free, and returns early once `refill_at`
+    slots are free with no staged row left while rows wait), until every row is done. refill_at > 1
+    trades idle slots for fewer host round trips (measured on CPU: 1 is faster).
 
     key: one key, or [P * n] keys, one per row (`row_keys` of several `generate` calls' keys, to
     reproduce them in one call). Row r draws its t-th token with fold_in(row key r, t), whichever
@@ -811,35 +828,26 @@ def generate_continuous(
     if mesh is not None:
         rules = SAMPLING_RULES if rules is None else rules
         rules_items = tuple(sorted((k, tuple(v)) for k, v in rules.items()))
-    empty = lambda: _empty_state(model_config, slots, rows, T, config)
-    placement = None if mesh is None else _state_shardings(jax.eval_shape(empty), mesh, rules)
-    state = jax.jit(empty, out_shardings=placement)()
+    state = _empty_state_jit(model_config, slots, rows, T, config, mesh, rules_items)
     options = dict(config=config, mesh=mesh, rules_items=rules_items)
-    pending, staged = list(range(rows)), []  # rows not yet prefilled; staging positions not yet placed
+    pending, staged_count = list(range(rows)), 0  # rows not yet prefilled; rows in the staging area
     while True:
-        if pending and not staged:
-            count = min(slots, len(pending))
+        row, step, ended, staged_next = jax.device_get((state["row"], state["step"], state["ended"], state["staged_next"]))
+        if pending and staged_next == staged_count:
+            staged_count = min(slots, len(pending))
             new_rows = np.full(slots, rows, np.int32)
-            new_rows[:count], pending = pending[:count], pending[count:]
+            new_rows[:staged_count], pending = pending[:staged_count], pending[staged_count:]
             prompt_ids = np.where(new_rows < rows, new_rows // n, 0)
             state = _stage_rows_jit(graphdef, params, state, keys, new_rows, tokens[prompt_ids], pads[prompt_ids],
                                     forced, **options)
-            staged = list(np.flatnonzero(new_rows < rows))
-        row, step, ended = jax.device_get((state["row"], state["step"], state["ended"]))
+            staged_next = 0
         busy = (row < rows) & ~ended & (step < M)
-        free = np.flatnonzero(~busy)
-        waiting = len(staged) + len(pending)
-        take = min(len(free), len(staged)) if waiting and len(free) >= min(refill_at, waiting) else 0
-        if not take and not busy.any():
+        if not busy.any() and staged_next == staged_count:
             break
-        slot_ids, staged_ids = np.full(slots, slots, np.int32), np.zeros(slots, np.int32)
-        slot_ids[:take], staged_ids[:take], staged = free[:take], staged[:take], staged[take:]
         reach = int(step[busy].max()) if busy.any() else 1  # placed rows have drawn 1 token
         read = read_length(T, reach + steps_per_call - 1, config, read_buckets)
-        waiting = len(staged) + len(pending)
-        state = _decode_steps_jit(graphdef, params, state, keys, slot_ids, staged_ids,
-                                  min(refill_at, waiting) if waiting else slots + 1, forced,
-                                  steps=steps_per_call, read=read, **options)
+        state = _decode_steps_jit(graphdef, params, state, keys, min(refill_at, len(pending)) if pending else slots + 1,
+                                  forced, steps=steps_per_call, read=read, **options)
     lengths = state["lengths"]
     out = Rollouts(tokens=state["tokens"], logprobs=state["logprobs"], lengths=lengths, truncated=~state["row_ended"],
                    prompt_index=jnp.arange(rows, dtype=jnp.int32) // n)

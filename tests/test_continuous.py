@@ -53,9 +53,9 @@ def test_continuous_equals_static(split_model, settings, forced, refill_at):
 @pytest.mark.parametrize("refill_at, decode_steps", [(1, 4), (2, 5)])
 def test_utilisation_of_a_hand_counted_schedule(split_model, steps_per_call, refill_at, decode_steps):
     """Rows of lengths 3, 1, 2, 4 on 2 slots, useful tokens 2 + 0 + 1 + 3 = 6 either way.
-    refill_at 1: r0, r1 prefilled; r1 ends at once and r2 takes its slot; step 1: r0, r2 (r2 ends;
-    with 3 steps per call the call returns here, as r3 waits); r3 refills; step 2: r0 (ends), r3;
-    steps 3, 4: r3 alone. 4 steps.
+    refill_at 1: r0, r1 staged and placed; r1 ends at once, so the call returns before any step;
+    r2, r3 staged, r2 takes r1's slot; step 1: r0, r2 (r2 ends; r3 takes its slot within the call);
+    step 2: r0 (ends), r3; steps 3, 4: r3 alone. 4 steps.
     refill_at 2: r1's slot waits for a second free one; steps 1, 2: r0 alone (ends); r2, r3 refill;
     step 3: r2 (ends), r3; steps 4, 5: r3 alone. 5 steps."""
     graphdef, params = split_model
