@@ -889,18 +889,26 @@ def _fused_value_and_grad(cfg: LossConfig, head_layout: str, student_hidden: Arr
         values, _ = _token_values(inputs, cfg)
         return sum(getattr(cfg, _TERMS[name]) * jnp.sum(pos["weights"][name] * v[0]) for name, v in values.items())
 
-    def chunk(d_head, xs):
-        h, pos = xs
+    # [C, num_chunks, ...] views of the padded positions (a reshape, no transpose): chunk i is
+    # column i, read and written in place by the loop.
+    columns = lambda x: to_chunks(x).swapaxes(0, 1)
+    hidden, positions = columns(student_hidden), jax.tree.map(columns, positions)
+
+    def chunk(carry, i):
+        d_head, d_hidden = carry
+        column = lambda x: jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
+        h, pos = column(hidden), jax.tree.map(column, positions)
         s_logits, pull_hidden = jax.vjp(lambda h: logits(h, head), h)
         out, pull_logits = jax.vjp(lambda z: outputs_of(z, pos), s_logits)
         loss, cotangents = jax.value_and_grad(position_loss)(out, pos)
         (d_logits,) = pull_logits(cotangents)
         (g_hidden,) = pull_hidden(d_logits)
-        return _add_head_grad(d_head, head, h, d_logits, head_layout, cfg.temperature), (loss, out, g_hidden)
+        d_head = _add_head_grad(d_head, head, h, d_logits, head_layout, cfg.temperature)
+        return (d_head, jax.lax.dynamic_update_index_in_dim(d_hidden, g_hidden, i, axis=1)), (loss, out)
 
-    d_head = jnp.zeros(head.shape, jnp.float32)
-    d_head, (loss, out, d_hidden) = jax.lax.scan(chunk, d_head, (to_chunks(student_hidden),
-                                                                 jax.tree.map(to_chunks, positions)))
+    carry = jnp.zeros(head.shape, jnp.float32), jnp.zeros(hidden.shape, student_hidden.dtype)
+    (d_head, d_hidden), (loss, out) = jax.lax.scan(chunk, carry, jnp.arange(hidden.shape[1]))
+    d_hidden = d_hidden.swapaxes(0, 1)
     return (loss.sum(), jax.tree.map(from_chunks, out)), (from_chunks(d_hidden), d_head)
 
 
