@@ -134,7 +134,12 @@ def token_logprobs(
 def _logprob_chunk(head: Array, hidden: Array, targets: Array, *, temperature: float,
                    head_layout: str) -> tuple[Array, Array]:
     """``token_logprobs`` of one chunk: ``hidden [C, D]``, ``targets [C]`` -> ``([C], [C])``."""
-    logp = jax.nn.log_softmax(_logits(hidden, head, head_layout, temperature))
+    return _logprobs_of_logits(_logits(hidden, head, head_layout, temperature), targets)
+
+
+def _logprobs_of_logits(logits: Array, targets: Array) -> tuple[Array, Array]:
+    """``logits [C, V]``, ``targets [C]`` -> (log-probs of ``targets`` ``[C]``, entropy ``[C]``)."""
+    logp = jax.nn.log_softmax(logits)
     return _take(logp, targets), sg(_entropy(logp))
 
 
@@ -240,8 +245,14 @@ def _distill_chunk(head: Array, teacher_head: Array, teacher_hidden: Array, stud
                    top_k_support: str, temperature: float, head_layout: str) -> DistillOutput:
     """``distill_divergence`` of one chunk of ``C`` positions (hidden ``[C, D]``, targets ``[C]``);
     the teacher's logits (from ``teacher_head``) are under ``stop_gradient``."""
-    t_logits = sg(_logits(teacher_hidden, teacher_head, head_layout, temperature))
-    s_logits = _logits(student_hidden, head, head_layout, temperature)
+    return _distill_of_logits(sg(_logits(teacher_hidden, teacher_head, head_layout, temperature)),
+                              _logits(student_hidden, head, head_layout, temperature), targets,
+                              divergence=divergence, alpha=alpha, top_k=top_k, top_k_support=top_k_support)
+
+
+def _distill_of_logits(t_logits: Array, s_logits: Array, targets: Array, *, divergence: str, alpha: float,
+                       top_k: int | None, top_k_support: str) -> DistillOutput:
+    """``_distill_chunk`` from the chunk's teacher and student logits ``[C, V]`` (``targets [C]``)."""
     t_logp, s_logp = jax.nn.log_softmax(t_logits), jax.nn.log_softmax(s_logits)
     t_tok, s_tok = _take(t_logp, targets), _take(s_logp, targets)
     if divergence == "sampled":
@@ -822,24 +833,52 @@ def _fused_positions(inputs: LossInputs, targets: Array, teacher_hidden: Array |
             "advantages": adv, "weights": token_weights(inputs.mask, inputs.distill_mask, cfg, denominators)}
 
 
+def _add_head_grad(d_head: Array, head: Array, hidden: Array, d_logits: Array, head_layout: str,
+                   temperature: float) -> Array:
+    """``d_head`` (float32, the head's shape) plus the gradient w.r.t. ``head`` through ``_logits``,
+    from ``hidden [C, D]`` and the logits' cotangent ``d_logits [C, V]``.
+
+    A loop over vocabulary blocks of ``K = ceil(V / ceil(D / C))`` columns adds each block's
+    product into ``d_head`` in place: besides ``d_head`` it holds one ``[D, K]`` block (the size
+    of ``d_logits``), not a ``[D, V]`` temporary. The last block is shifted to end at ``V``; its
+    columns that an earlier block covered get a zero cotangent. Each entry is the same ``C``-term
+    dot product as unblocked.
+    """
+    (c, d), v = hidden.shape, d_logits.shape[1]
+    block = -(-v // min(v, -(-d // c)))
+    axis = head_layout.index("v")
+    block_shape = jax.ShapeDtypeStruct(head.shape[:axis] + (block,) + head.shape[axis + 1:], head.dtype)
+    transpose = jax.linear_transpose(lambda w: _logits(hidden, w, head_layout, temperature), block_shape)
+
+    def add_block(i, d_head):
+        first = jnp.minimum(i * block, v - block)  # the start of the block's columns, shifted into [0, V)
+        fresh = first + jnp.arange(block) >= i * block  # False: added by the previous block
+        (g,) = transpose(jnp.where(fresh, jax.lax.dynamic_slice_in_dim(d_logits, first, block, axis=1), 0.0))
+        summed = jax.lax.dynamic_slice_in_dim(d_head, first, block, axis=axis) + g.astype(jnp.float32)
+        return jax.lax.dynamic_update_slice_in_dim(d_head, summed, first, axis=axis)
+
+    return jax.lax.fori_loop(0, -(-v // block), add_block, d_head)
+
+
 def _fused_value_and_grad(cfg: LossConfig, head_layout: str, student_hidden: Array, head: Array,
                           teacher_head: Array | None, positions: dict[str, Array]):
     """``((loss, outputs), (d loss / d student_hidden, d loss / d head))`` in one chunked pass.
 
-    Every chunk computes its outputs with ``jax.vjp``, the per-position loss of those outputs
-    (``_token_values`` times ``token_weights``: a function of the chunk's own positions only) and
-    its cotangents, and pulls them back through the chunk while its logits are live. The head's
-    gradient accumulates over chunks in float32 (cast to the head's dtype at the end).
+    Every chunk computes its outputs from its student logits with ``jax.vjp``, the per-position
+    loss of those outputs (``_token_values`` times ``token_weights``: a function of the chunk's own
+    positions only) and its cotangents, and pulls them back to the logits while they are live, then
+    through the LM head to the hidden states and the head. The head's gradient accumulates over
+    chunks in float32, in place (``_add_head_grad``; cast to the head's dtype at the end).
     """
     to_chunks, from_chunks = _chunk_layout(*student_hidden.shape[:2], cfg.chunk_size)
+    logits = lambda h, w: _logits(h, w, head_layout, cfg.temperature)
 
-    def outputs_of(w, h, pos):
+    def outputs_of(s_logits, pos):
         if pos["teacher_hidden"] is None:
-            return DistillOutput(None, None, *_logprob_chunk(w, h, pos["targets"], temperature=cfg.temperature,
-                                                             head_layout=head_layout))
-        return _distill_chunk(w, w if teacher_head is None else teacher_head, pos["teacher_hidden"], h,
-                              pos["targets"], divergence=cfg.divergence, alpha=cfg.alpha, top_k=cfg.top_k,
-                              top_k_support="student", temperature=cfg.temperature, head_layout=head_layout)
+            return DistillOutput(None, None, *_logprobs_of_logits(s_logits, pos["targets"]))
+        t_logits = sg(logits(pos["teacher_hidden"], head if teacher_head is None else teacher_head))
+        return _distill_of_logits(t_logits, s_logits, pos["targets"], divergence=cfg.divergence, alpha=cfg.alpha,
+                                  top_k=cfg.top_k, top_k_support="student")
 
     def position_loss(out: DistillOutput, pos):
         row = lambda x: None if x is None else x[None]  # [C] -> [1, C]: one row of C tokens
@@ -850,16 +889,26 @@ def _fused_value_and_grad(cfg: LossConfig, head_layout: str, student_hidden: Arr
         values, _ = _token_values(inputs, cfg)
         return sum(getattr(cfg, _TERMS[name]) * jnp.sum(pos["weights"][name] * v[0]) for name, v in values.items())
 
-    def chunk(d_head, xs):
-        h, pos = xs
-        out, pull = jax.vjp(lambda w, h: outputs_of(w, h, pos), head, h)
-        loss, cotangents = jax.value_and_grad(position_loss)(out, pos)
-        g_head, g_hidden = pull(cotangents)
-        return d_head + g_head.astype(jnp.float32), (loss, out, g_hidden)
+    # [C, num_chunks, ...] views of the padded positions (a reshape, no transpose): chunk i is
+    # column i, read and written in place by the loop.
+    columns = lambda x: to_chunks(x).swapaxes(0, 1)
+    hidden, positions = columns(student_hidden), jax.tree.map(columns, positions)
 
-    d_head = jnp.zeros(head.shape, jnp.float32)
-    d_head, (loss, out, d_hidden) = jax.lax.scan(chunk, d_head, (to_chunks(student_hidden),
-                                                                 jax.tree.map(to_chunks, positions)))
+    def chunk(carry, i):
+        d_head, d_hidden = carry
+        column = lambda x: jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
+        h, pos = column(hidden), jax.tree.map(column, positions)
+        s_logits, pull_hidden = jax.vjp(lambda h: logits(h, head), h)
+        out, pull_logits = jax.vjp(lambda z: outputs_of(z, pos), s_logits)
+        loss, cotangents = jax.value_and_grad(position_loss)(out, pos)
+        (d_logits,) = pull_logits(cotangents)
+        (g_hidden,) = pull_hidden(d_logits)
+        d_head = _add_head_grad(d_head, head, h, d_logits, head_layout, cfg.temperature)
+        return (d_head, jax.lax.dynamic_update_index_in_dim(d_hidden, g_hidden, i, axis=1)), (loss, out)
+
+    carry = jnp.zeros(head.shape, jnp.float32), jnp.zeros(hidden.shape, student_hidden.dtype)
+    (d_head, d_hidden), (loss, out) = jax.lax.scan(chunk, carry, jnp.arange(hidden.shape[1]))
+    d_hidden = d_hidden.swapaxes(0, 1)
     return (loss.sum(), jax.tree.map(from_chunks, out)), (from_chunks(d_hidden), d_head)
 
 
