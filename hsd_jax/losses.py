@@ -111,7 +111,7 @@ def token_logprobs(
     targets: Array,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 256,
+    chunk_size: int = 128,
     head_layout: str = "dv",
 ) -> tuple[Array, Array]:
     """Log-probs of ``targets`` and entropies under ``softmax(hidden @ head / temperature)``.
@@ -195,7 +195,7 @@ def distill_divergence(
     top_k: int | None = None,
     top_k_support: str = "student",
     temperature: float = 1.0,
-    chunk_size: int = 256,
+    chunk_size: int = 128,
     head_layout: str = "dv",
     teacher_head: Array | None = None,
 ) -> DistillOutput:
@@ -503,7 +503,7 @@ class LossConfig:
     alpha: float = 0.5
     top_k: int | None = None
     temperature: float = 1.0
-    chunk_size: int = 256
+    chunk_size: int = 128
     teacher_ema: float = 0.0
     fused_grad: bool = True
 
