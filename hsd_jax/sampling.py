@@ -164,6 +164,13 @@ def _float(b: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(b, jnp.float32)
 
 
+def _row_sums(*terms: jax.Array) -> tuple[jax.Array, ...]:
+    """Sums over the last axis of several [b, V] terms in one pass (a multi-output reduce: XLA:CPU
+    fuses the terms' elementwise producers into it instead of writing each term out)."""
+    zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
+    return jax.lax.reduce(terms, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (terms[0].ndim - 1,))
+
+
 def top_p_threshold(e: jax.Array, top_p: float) -> jax.Array:
     """Smallest kept value of top-p over unnormalised probabilities e [b, V] (max 1) -> [b].
 
@@ -171,21 +178,26 @@ def top_p_threshold(e: jax.Array, top_p: float) -> jax.Array:
     t grows, so the kept set is {e >= tau} for the smallest float tau with F(tau) < top_p * Z.
     Positive floats order like their int32 bit patterns, so bisection over the bits finds tau
     exactly. Invariant: F(lo) >= top_p * Z > F(hi). It starts from hi = 1 (F = 0) and lo just
-    below (1 - top_p) * Z / V, a bound tau always exceeds, so it takes <= 30 masked sums.
+    below (1 - top_p) * Z / V, a bound tau always exceeds, so it takes <= 30 steps. A row stops
+    early once no e lies strictly between lo and hi: then F(t) = F(lo) for lo < t < hi, so tau = hi.
+    Each step is one pass over e: the mass above the midpoint and the count inside (lo, hi).
     """
     z = jnp.sum(e, axis=-1)
     target = top_p * z
     lo = _bits((1.0 - top_p) * z / (2 * e.shape[-1]))
     hi = jnp.full_like(lo, _ONE_BITS)
+    column = lambda bits: _float(bits)[:, None]
 
-    def step(bounds):
-        lo, hi = bounds
+    def step(search):
+        lo, hi, _ = search
         mid = lo + (hi - lo) // 2
-        mass_above = jnp.sum(jnp.where(e > _float(mid)[:, None], e, 0.0), axis=-1)
+        mass_above, inside = _row_sums(jnp.where(e > column(mid), e, 0.0),
+                                       ((e > column(lo)) & (e < column(hi))).astype(jnp.int32))
         kept = mass_above < target
-        return jnp.where(kept, lo, mid), jnp.where(kept, mid, hi)
+        return jnp.where(kept, lo, mid), jnp.where(kept, mid, hi), inside == 0  # the empty stay empty
 
-    _, hi = jax.lax.while_loop(lambda b: jnp.any(b[1] - b[0] > 1), step, (lo, hi))
+    searching = lambda search: jnp.any((search[1] - search[0] > 1) & ~search[2])
+    _, hi, _ = jax.lax.while_loop(searching, step, (lo, hi, jnp.zeros(lo.shape, bool)))
     return _float(hi)
 
 
