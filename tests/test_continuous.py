@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hsd_jax import sampling
+from hsd_jax import sampling, sharding
 from models import qwen3
 
 PROMPTS = [[3, 17, 4], [9, 1, 5, 60, 2, 44, 8, 13, 71, 30, 6], [88, 21, 5, 5, 40, 12, 7], [5], [6, 7]]
@@ -70,3 +70,23 @@ def test_utilisation_of_a_hand_counted_schedule(split_model, steps_per_call, ref
     # the static engine runs all 4 rows until the longest ends: 3 decode steps of 4 slots
     assert sampling.static_stats(out) == sampling.DecodeStats(slots=4, decode_steps=3, useful_tokens=6)
     assert sampling.static_stats(out).utilisation == 0.5
+
+
+def test_sharded_equals_static(split_model):
+    """On a (2, 2, 2) mesh of the 8 CPU devices (slots over data x fsdp, heads over tensor), the
+    continuous engine, refilling slots inside its decode loop, draws the static engine's rows."""
+    graphdef, params = split_model
+    config = sampling.SamplingConfig(max_new_tokens=10, n=2, temperature=0.8, top_p=0.9,
+                                     eos_ids=(3, 5, 8, 11, 13, 17), **SETTINGS)
+    key = jax.random.key(2)
+    static = jax.device_get(sampling.generate(graphdef, params, PROMPTS, key, config))
+    assert len(set(static.lengths.tolist())) >= 3
+    mesh = sharding.make_mesh((2, 2, 2))
+    out, stats = sampling.generate_continuous(graphdef, sampling.sampling_params(params, mesh), PROMPTS, key, config,
+                                              slots=4, steps_per_call=3, mesh=mesh)
+    assert len(out.tokens.sharding.device_set) == 8
+    out = jax.device_get(out)
+    np.testing.assert_array_equal(out.tokens, static.tokens)
+    np.testing.assert_allclose(out.logprobs, static.logprobs, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(out.lengths, static.lengths)
+    assert stats.useful_tokens == int((static.lengths - 1).sum())
