@@ -833,22 +833,34 @@ def _fused_positions(inputs: LossInputs, targets: Array, teacher_hidden: Array |
             "advantages": adv, "weights": token_weights(inputs.mask, inputs.distill_mask, cfg, denominators)}
 
 
+def _vocab_blocks(c: int, d: int, v: int) -> int:
+    """Vocabulary blocks of ``_add_head_grad`` for chunks of ``c`` positions: on CPU
+    ``ceil(D / C)`` (each block's product the size of the chunk's logits), elsewhere 1."""
+    return min(v, -(-d // c)) if jax.default_backend() == "cpu" else 1
+
+
 def _add_head_grad(d_head: Array, head: Array, hidden: Array, d_logits: Array, head_layout: str,
                    temperature: float) -> Array:
     """``d_head`` (float32, the head's shape) plus the gradient w.r.t. ``head`` through ``_logits``,
     from ``hidden [C, D]`` and the logits' cotangent ``d_logits [C, V]``.
 
-    A loop over vocabulary blocks of ``K = ceil(V / ceil(D / C))`` columns adds each block's
-    product into ``d_head`` in place: besides ``d_head`` it holds one ``[D, K]`` block (the size
-    of ``d_logits``), not a ``[D, V]`` temporary. The last block is shifted to end at ``V``; its
-    columns that an earlier block covered get a zero cotangent. Each entry is the same ``C``-term
-    dot product as unblocked.
+    On CPU, a loop over vocabulary blocks of ``K = ceil(V / ceil(D / C))`` columns adds each
+    block's product into ``d_head`` in place: besides ``d_head`` it holds one ``[D, K]`` block
+    (the size of ``d_logits``), not the ``[D, V]`` temporary XLA:CPU makes of one product. The
+    last block is shifted to end at ``V``; its columns that an earlier block covered get a zero
+    cotangent. Each entry is the same ``C``-term dot product as unblocked. Elsewhere one product
+    is added (accelerator compilers can accumulate a matmul into its addend, not measured here),
+    since slices at moving offsets of a vocabulary split over devices (tensor parallelism) would
+    gather the whole gradient onto every device.
     """
     (c, d), v = hidden.shape, d_logits.shape[1]
-    block = -(-v // min(v, -(-d // c)))
+    block = -(-v // _vocab_blocks(c, d, v))
     axis = head_layout.index("v")
     block_shape = jax.ShapeDtypeStruct(head.shape[:axis] + (block,) + head.shape[axis + 1:], head.dtype)
     transpose = jax.linear_transpose(lambda w: _logits(hidden, w, head_layout, temperature), block_shape)
+    if block == v:
+        (g,) = transpose(d_logits)
+        return d_head + g.astype(jnp.float32)
 
     def add_block(i, d_head):
         first = jnp.minimum(i * block, v - block)  # the start of the block's columns, shifted into [0, V)

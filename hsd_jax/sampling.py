@@ -43,10 +43,11 @@ in the batch until the longest ends. A host loop alternates two jitted calls ove
 state (slot cache of T + M - 1 slots per decode slot, per-slot row / step / last token, outputs
 [B, M], and a staging area of `slots` prefilled rows): `_stage_rows` prefills the next `slots`
 pending rows' prompts at once (one full-width call, so the LM head and the weights are read once
-per `slots` rows, not once per finished row) and draws their first token; `_decode_steps` first
-copies staged rows into free slots, then runs up to `steps_per_call` decode steps for all slots,
-each slot writing its own cache slot (`KVCache.index` per row), and returns as soon as
-`refill_at` slots are free while rows wait. Row r's
+per `slots` rows, not once per finished row) and draws their first token; `_decode_steps` runs
+up to `steps_per_call` decode steps for all slots, each slot writing its own cache slot
+(`KVCache.index` per row), moves staged rows into the slots that are free before the first step
+and after each (`_fill_free_slots`, inside the loop: no host round trip per finished row), and
+returns early only when `refill_at` slots are free with no staged row left while rows wait. Row r's
 t-th token uses the key fold_in(row_keys[r], t) whichever slot holds it (`row_keys`: fold_in(key, r)
 for one key, or given per row to reproduce several `generate` calls), so results do not
 depend on scheduling and equal `generate`'s (logprobs to float rounding: batch sizes differ).
@@ -716,9 +717,10 @@ def _stage_rows(graphdef, params, state, keys, rows, tokens, pads, forced_length
 
 def _place(s, cache: qwen3.KVCache, staged, slot_ids, staged_ids):
     """Moves the staged rows staged_ids [slots] into the decode slots slot_ids [slots] of the slot
-    fields s and cache: their prompt keys and values (cache slots [0, T); the previous occupant's
-    later ones are masked by causality until overwritten), segment ids (every slot of the cache,
-    so those are cleared anyway) and slot fields. Entries with slot_ids = slots are padding
+    fields s and cache (stacked, or `KVCache.split_layers` as the staged cache): their prompt keys
+    and values (cache slots [0, T); the previous occupant's later ones are masked by causality
+    until overwritten), segment ids (every slot of `cache`, which inside a decode loop is its read
+    prefix: the rest is masked by causality too) and slot fields. Entries with slot_ids = slots are padding
     (dropped). Returns (s, cache)."""
     pick = lambda a, axis: jnp.take(a, staged_ids, axis=axis, mode="clip")
     put = lambda a, x: a.at[slot_ids].set(x, mode="drop")
@@ -757,8 +759,9 @@ def _decode_steps(graphdef, params, state, keys, refill_at, forced_lengths, conf
     """Runs up to `steps` decode steps for all slots, filling free slots with staged rows before
     the first step and after each (`_fill_free_slots`), reading and writing only the first `read`
     cache slots (the host picks `read` >= every busy slot's need). Stops early when no slot is busy,
-    or when `refill_at` slots are free with no staged row left (the host passes min(its refill_at,
-    rows it has not staged yet), or more than `slots` when none), so the host can stage more."""
+    or when `refill_at` slots are free after a fill (the host passes min(its refill_at, rows it has
+    not staged yet), or more than `slots` when none): the staging area is empty then, so the host
+    can stage more, or rows placed just now ended at their first token (the next call places more)."""
     rules = None if rules_items is None else dict(rules_items)
     model = nnx.merge(graphdef, params)
     layers = _decode_layers(model)

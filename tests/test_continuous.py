@@ -107,9 +107,13 @@ def test_stacked_layer_decode_equals_split(split_model, monkeypatch):
 
     assert sampling._decode_layers(nnx.merge(graphdef, params)) is not None  # the tests run on CPU
     split = both_engines()
-    monkeypatch.setattr(sampling, "_decode_layers", lambda model: None)
-    jax.clear_caches()  # retrace the engines' programs with the stacked layers
-    stacked = both_engines()
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(sampling, "_decode_layers", lambda model: None)
+            jax.clear_caches()  # retrace the engines' programs with the stacked layers
+            stacked = both_engines()
+    finally:
+        jax.clear_caches()  # later tests must not reuse the stacked programs
     assert len(set(split[0].lengths.tolist())) >= 3
     for got, want in zip(stacked, split):
         np.testing.assert_array_equal(got.tokens, want.tokens)

@@ -661,3 +661,27 @@ def test_fused_micro_batches_sum_to_the_full_batch():
     np.testing.assert_allclose(v1 + v2, v, rtol=1e-6)
     np.testing.assert_allclose(np.concatenate([s1, s2]), s, rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(h1 + h2, h, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_fused_head_gradient_in_one_product_equals_the_blocked_one(monkeypatch, layout):
+    """The fused path adds each chunk's head gradient block by block over the vocabulary on CPU and
+    as one product elsewhere (`losses._vocab_blocks`); both give autodiff's gradients."""
+    cfg = L.preset("hsd_grpo", max_response_length=8, beta=0.1, chunk_size=3)
+    b = jax.tree.map(lambda x: jnp.asarray(x, jnp.int32 if x.dtype.kind == "i" else f32), chunked_batch(23))
+    inputs = L.LossInputs(None, b["mask"], old_logprobs=b["old"], ref_logprobs=b["ref"], advantages=b["adv"],
+                          distill_mask=b["distill_mask"])
+    head = b["head"] if layout == "dv" else b["head"].T
+
+    def grads(fused):
+        f = lambda sh, head: L.chunked_objective(sh, head, b["tg"], inputs, dataclasses.replace(cfg, fused_grad=fused),
+                                                 teacher_hidden=b["th"], head_layout=layout)[0]
+        return jax.jit(jax.grad(f, argnums=(0, 1)))(b["sh"], head)  # a new function: traced afresh
+
+    assert L._vocab_blocks(3, D, V) > 1  # the tests run on CPU
+    autodiff, blocked = grads(False), grads(True)
+    monkeypatch.setattr(L, "_vocab_blocks", lambda c, d, v: 1)
+    whole = grads(True)
+    for got in (blocked, whole):
+        for g, want in zip(got, autodiff):
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
