@@ -425,29 +425,17 @@ def _expand_cache(cache: qwen3.KVCache, n: int, slots: int, mesh, rules) -> qwen
     return _pad_length(repeated, slots, mesh, rules)
 
 
-def _decode_layers(model: qwen3.Qwen3) -> tuple[dict[str, jax.Array], ...] | None:
-    """The layers argument of the model in a decode loop: on CPU, per-layer copies of the weights
-    (`Qwen3.layer_list`), made once before the loop, so each step reads them in place (with the
-    stacked weights and cache, XLA:CPU copies every layer's slice at every step: 89 vs 60 ms per
-    step of an 8-layer stack at batch 32, measured); elsewhere None (the scan: compile time
-    independent of depth)."""
-    return model.layer_list() if jax.default_backend() == "cpu" else None
-
-
-def _loop_on_prefix(cache: qwen3.KVCache, read: int, index: jax.Array, running, step, carry, split: bool,
-                    mesh=None, rules=None):
+def _loop_on_prefix(cache: qwen3.KVCache, read: int, index: jax.Array, running, step, carry, mesh=None, rules=None):
     """`lax.while_loop(running, step, (carry, prefix))` where prefix is the first `read` slots of
     cache (S slots) with write index `index` ([] or [B]), so attention and the per-layer cache
-    copies cost `read` slots, not S; split: the loop holds the prefix as `KVCache.split_layers`
-    (for a model called with `layers`). The prefix is then written back. step must write only below
+    copies cost `read` slots, not S; the prefix is then written back. step must write only below
     `read`. Returns (carry, cache) with cache.index unchanged. Both engines decode through this."""
-    whole = read == cache.segment_ids.shape[1]
+    if read == cache.segment_ids.shape[1]:
+        carry, prefix = jax.lax.while_loop(running, step, (carry, dataclasses.replace(cache, index=index)))
+        return carry, dataclasses.replace(prefix, index=cache.index)
     head = lambda a, axes: _constrain(jax.lax.slice_in_dim(a, 0, read, axis=axes.index("length")), axes, mesh, rules)
-    prefix = dataclasses.replace(cache if whole else cache.map_arrays(head), index=index)
-    carry, prefix = jax.lax.while_loop(running, step, (carry, prefix.split_layers() if split else prefix))
-    prefix = dataclasses.replace(prefix.stack_layers() if split else prefix, index=cache.index)
-    if whole:
-        return carry, prefix
+    prefix = dataclasses.replace(cache.map_arrays(head), index=index)
+    carry, prefix = jax.lax.while_loop(running, step, (carry, prefix))
     write = lambda a, b: jax.lax.dynamic_update_slice(a, b, (0,) * a.ndim)
     return carry, qwen3.KVCache(k=write(cache.k, prefix.k), v=write(cache.v, prefix.v),
                                 segment_ids=write(cache.segment_ids, prefix.segment_ids), index=cache.index)
@@ -491,7 +479,6 @@ def _generate(graphdef, params, tokens, pads, key, forced_lengths, config: Sampl
 
     logits, cache = _prefill(model, tokens, pads, config, mesh, rules)
     cache = _expand_cache(cache, n, T + M - 1, mesh, rules)
-    layers = _decode_layers(model)
     prompt_lengths = batch(jnp.repeat(T - pads, n))  # = position of the first generated token
     token, logprob = draw(batch(jnp.repeat(logits, n, axis=0)), 0)
     s = dict(
@@ -506,7 +493,7 @@ def _generate(graphdef, params, tokens, pads, key, forced_lengths, config: Sampl
         step = s["step"]
         positions = (prompt_lengths + step - 1)[:, None]
         cache = dataclasses.replace(cache, index=T + step - 1)
-        hidden, cache = model(s["token"][:, None], positions, jnp.ones((B, 1), jnp.int32), cache, layers)
+        hidden, cache = model(s["token"][:, None], positions, jnp.ones((B, 1), jnp.int32), cache)
         token, logprob = draw(model.logits(hidden[:, 0]), step)
         active = ~s["ended"]
         token = jnp.where(active, token, config.pad_id)
@@ -522,8 +509,7 @@ def _generate(graphdef, params, tokens, pads, key, forced_lengths, config: Sampl
     for read in static_read_lengths(T, config, read_buckets):
         last_step = read - T  # the step that writes the prefix's last slot
         running = lambda carry, last_step=last_step: (carry[0]["step"] <= last_step) & ~jnp.all(carry[0]["ended"])
-        s, cache = _loop_on_prefix(cache, read, jnp.zeros((), jnp.int32), running, decode, s, layers is not None,
-                                   mesh, rules)
+        s, cache = _loop_on_prefix(cache, read, jnp.zeros((), jnp.int32), running, decode, s, mesh, rules)
     return Rollouts(
         tokens=s["tokens"], logprobs=s["logprobs"], lengths=s["lengths"], truncated=~s["ended"],
         prompt_index=batch(jnp.arange(B, dtype=jnp.int32) // n),
@@ -717,24 +703,19 @@ def _stage_rows(graphdef, params, state, keys, rows, tokens, pads, forced_length
 
 def _place(s, cache: qwen3.KVCache, staged, slot_ids, staged_ids):
     """Moves the staged rows staged_ids [slots] into the decode slots slot_ids [slots] of the slot
-    fields s and cache (stacked, or `KVCache.split_layers` as the staged cache): their prompt keys
-    and values (cache slots [0, T); the previous occupant's later ones are masked by causality
-    until overwritten), segment ids (every slot of `cache`, which inside a decode loop is its read
-    prefix: the rest is masked by causality too) and slot fields. Entries with slot_ids = slots are padding
-    (dropped). Returns (s, cache)."""
+    fields s and cache: their prompt keys and values (cache slots [0, T); the previous occupant's
+    later ones are masked by causality until overwritten), segment ids (every slot of `cache`,
+    which inside a decode loop is its read prefix: the rest is masked by causality too) and slot
+    fields. Entries with slot_ids = slots are padding (dropped). Returns (s, cache)."""
     pick = lambda a, axis: jnp.take(a, staged_ids, axis=axis, mode="clip")
     put = lambda a, x: a.at[slot_ids].set(x, mode="drop")
 
     def put_prompt(name):  # the staged rows' cache slots [0, T) into the decode slots' [0, T)
         axes = qwen3.KVCache.AXES[name]
-
-        def put_layers(to, source):
-            prompt = pick(source, axes.index("batch"))
-            index = tuple(slot_ids if axis == "batch" else slice(0, prompt.shape[d]) if axis == "length" else slice(None)
-                          for d, axis in enumerate(axes))
-            return to.at[index].set(prompt, mode="drop")
-
-        return jax.tree.map(put_layers, getattr(cache, name), getattr(staged["cache"], name))  # stacked or split
+        prompt = pick(getattr(staged["cache"], name), axes.index("batch"))
+        index = tuple(slot_ids if axis == "batch" else slice(0, prompt.shape[d]) if axis == "length" else slice(None)
+                      for d, axis in enumerate(axes))
+        return getattr(cache, name).at[index].set(prompt, mode="drop")
 
     segments = pick(staged["cache"].segment_ids, 0)
     segments = jnp.pad(segments, ((0, 0), (0, cache.segment_ids.shape[1] - segments.shape[1])))
@@ -764,10 +745,6 @@ def _decode_steps(graphdef, params, state, keys, refill_at, forced_lengths, conf
     can stage more, or rows placed just now ended at their first token (the next call places more)."""
     rules = None if rules_items is None else dict(rules_items)
     model = nnx.merge(graphdef, params)
-    layers = _decode_layers(model)
-    staged = state["staged"]
-    if layers is not None:  # placed inside the loop into the split cache
-        staged = dict(staged, cache=staged["cache"].split_layers())
     rows, M = state["tokens"].shape
     T = state["cache"].segment_ids.shape[1] - M + 1  # prompt bucket
     slots = state["cache"].k.shape[1]
@@ -779,7 +756,7 @@ def _decode_steps(graphdef, params, state, keys, refill_at, forced_lengths, conf
         live = _busy(s, rows, config)
         positions = (s["prompt_length"] + s["step"] - 1)[:, None]
         index = jnp.minimum(T + s["step"] - 1, read - 1)  # only idle slots are clamped; their writes are never read
-        hidden, cache = model(s["token"][:, None], positions, ones, dataclasses.replace(cache, index=index), layers)
+        hidden, cache = model(s["token"][:, None], positions, ones, dataclasses.replace(cache, index=index))
         token, logprob = _draw_rows(model.logits(hidden[:, 0]), keys, s["row"], s["step"], forced_lengths, config, groups)
         target = jnp.where(live, s["row"], rows)  # rows = dropped
         ended = s["ended"] | (live & _is_eos(token, config))
@@ -791,7 +768,7 @@ def _decode_steps(graphdef, params, state, keys, refill_at, forced_lengths, conf
             row_ended=s["row_ended"].at[target].set(ended, mode="drop"),
             decode_steps=s["decode_steps"] + 1,
         )
-        s, cache = _fill_free_slots(s, cache, staged, rows, config)
+        s, cache = _fill_free_slots(s, cache, state["staged"], rows, config)
         return (i + 1, s), cache
 
     def running(carry):
@@ -802,8 +779,7 @@ def _decode_steps(graphdef, params, state, keys, refill_at, forced_lengths, conf
     fields = {name: value for name, value in state.items() if name not in ("cache", "staged")}
     fields, cache = _fill_free_slots(fields, state["cache"], state["staged"], rows, config)
     index = jnp.zeros((slots,), jnp.int32)  # set per step
-    (_, s), cache = _loop_on_prefix(cache, read, index, running, step, (jnp.zeros((), jnp.int32), fields),
-                                    layers is not None, mesh, rules)
+    (_, s), cache = _loop_on_prefix(cache, read, index, running, step, (jnp.zeros((), jnp.int32), fields), mesh, rules)
     return _constrain_state(dict(s, cache=cache, staged=state["staged"]), mesh, rules)
 
 

@@ -190,16 +190,6 @@ class KVCache:
         return dataclasses.replace(self, **{name: fn(getattr(self, name), self.AXES[name])
                                             for name in ("k", "v", "segment_ids")})
 
-    def split_layers(self) -> KVCache:
-        """The cache with k and v as tuples of L per-layer [1, ...] arrays (copies), the layout of
-        `Qwen3.__call__(..., layers=...)`; `stack_layers` inverts it."""
-        split = lambda a: tuple(a[l:l + 1] for l in range(a.shape[0]))
-        return dataclasses.replace(self, k=split(self.k), v=split(self.v))
-
-    def stack_layers(self) -> KVCache:
-        """The stacked [L, ...] cache of a `split_layers` one."""
-        return dataclasses.replace(self, k=jnp.concatenate(self.k), v=jnp.concatenate(self.v))
-
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """x / sqrt(mean(x^2) + eps) * weight over the last axis, computed in float32."""
@@ -377,7 +367,6 @@ class Qwen3(nnx.Module):
         positions: jax.Array,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
-        layers: tuple[dict[str, jax.Array], ...] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final hidden states [B, T, D] (after the last RMSNorm) and the updated cache.
 
@@ -386,11 +375,6 @@ class Qwen3(nnx.Module):
         (right padding needs nothing more) and uses a fused kernel where the backend has one.
         With a cache, the T tokens are written at slots cache.index .. cache.index + T - 1 (per
         row when cache.index is [B]) and attend to every earlier slot.
-
-        layers: the decoder layers' parameters as one dict per layer (`layer_list`); the layers
-        then run unrolled, reading these arrays and a `KVCache.split_layers` cache in place. A
-        decode loop that passes both from outside the loop spares XLA:CPU the copy of every
-        layer's slice of the stacked weights and cache at every step (the scan's way).
         """
         c = self.config
         dtype = DTYPES[c.dtype]
@@ -414,23 +398,11 @@ class Qwen3(nnx.Module):
         if REMAT_POLICIES[c.remat] is not None:
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[c.remat])
         kv = None if cache is None else (cache.k, cache.v)
-        if layers is None:
-            (x, kv, _), _ = jax.lax.scan(layer, (x, kv, jnp.zeros((), jnp.int32)), self.layers.arrays())
-        else:
-            written = []
-            for l, p in enumerate(layers):  # each layer's cache is [1, ...]: layer index 0
-                (x, layer_kv, _), _ = layer((x, None if kv is None else (kv[0][l], kv[1][l]), 0), p)
-                written.append(layer_kv)
-            kv = None if kv is None else tuple(zip(*written))
+        (x, kv, _), _ = jax.lax.scan(layer, (x, kv, jnp.zeros((), jnp.int32)), self.layers.arrays())
         hidden = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
         if cache is not None:
             cache = KVCache(k=kv[0], v=kv[1], segment_ids=key_segments, index=write_index + T)
         return hidden, cache
-
-    def layer_list(self) -> tuple[dict[str, jax.Array], ...]:
-        """The decoder layers' parameters as L dicts of this layer's arrays (copies), for `layers`."""
-        arrays = self.layers.arrays()
-        return tuple({name: a[l] for name, a in arrays.items()} for l in range(self.config.num_hidden_layers))
 
     def head(self) -> jax.Array:
         """The LM head as [D, V] (the transposed embedding when tied)."""

@@ -90,32 +90,3 @@ def test_sharded_equals_static(split_model):
     np.testing.assert_allclose(out.logprobs, static.logprobs, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(out.lengths, static.lengths)
     assert stats.useful_tokens == int((static.lengths - 1).sum())
-
-
-def test_stacked_layer_decode_equals_split(split_model, monkeypatch):
-    """Both engines draw the same rows with either layout of the decode loop's layers: per-layer
-    copies of weights and cache (`sampling._decode_layers` on CPU) or the scanned stack (elsewhere)."""
-    graphdef, params = split_model
-    config = sampling.SamplingConfig(max_new_tokens=12, n=3, temperature=0.8, top_k=20,
-                                     eos_ids=(3, 5, 8, 11, 13, 17), **SETTINGS)
-    key = jax.random.key(3)
-
-    def both_engines():
-        static = sampling.generate(graphdef, params, PROMPTS, key, config)
-        continuous, _ = sampling.generate_continuous(graphdef, params, PROMPTS, key, config, slots=4, steps_per_call=3)
-        return jax.device_get((static, continuous))
-
-    assert sampling._decode_layers(nnx.merge(graphdef, params)) is not None  # the tests run on CPU
-    split = both_engines()
-    try:
-        with monkeypatch.context() as patch:
-            patch.setattr(sampling, "_decode_layers", lambda model: None)
-            jax.clear_caches()  # retrace the engines' programs with the stacked layers
-            stacked = both_engines()
-    finally:
-        jax.clear_caches()  # later tests must not reuse the stacked programs
-    assert len(set(split[0].lengths.tolist())) >= 3
-    for got, want in zip(stacked, split):
-        np.testing.assert_array_equal(got.tokens, want.tokens)
-        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
-        np.testing.assert_array_equal(got.lengths, want.lengths)
