@@ -327,7 +327,8 @@ def main() -> None:
                         help="longtail: static vs continuous engine on long-tailed forced stop lengths")
     parser.add_argument("--slots", type=int, default=16, help="continuous engine's decode slots (--lengths longtail)")
     parser.add_argument("--steps_per_call", type=int, default=16, help="continuous engine's decode steps per call")
-    parser.add_argument("--refill_at", type=int, default=1, help="continuous engine: free slots (with nothing staged) that end a decode call to stage more")
+    parser.add_argument("--refill_at", type=int, default=1,
+                        help="continuous engine: free slots (with nothing staged) that end a decode call to stage more")
     args = parser.parse_args()
     if args.lengths == "longtail":
         args.hidden = args.hidden or 256

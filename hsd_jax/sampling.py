@@ -409,20 +409,14 @@ def _prefill(model, tokens: jax.Array, pads: jax.Array, config: SamplingConfig, 
     return model.logits(hidden[:, -1]), cache
 
 
-def _pad_length(cache: qwen3.KVCache, slots: int, mesh, rules) -> qwen3.KVCache:
-    """The cache with empty slots added after its own, up to `slots` along every array's length axis."""
-    def pad(a, axes):
-        length = axes.index("length")
-        widths = [(0, slots - a.shape[length]) if d == length else (0, 0) for d in range(a.ndim)]
-        return _constrain(jnp.pad(a, widths), axes, mesh, rules)
-
-    return cache.map_arrays(pad)
-
-
 def _expand_cache(cache: qwen3.KVCache, n: int, slots: int, mesh, rules) -> qwen3.KVCache:
     """Repeats each prompt's cache row n times and adds empty slots up to `slots`."""
-    repeated = cache.map_arrays(lambda a, axes: jnp.repeat(a, n, axis=axes.index("batch")))
-    return _pad_length(repeated, slots, mesh, rules)
+    def expand(a, axes):
+        batch, length = axes.index("batch"), axes.index("length")
+        widths = [(0, slots - a.shape[length]) if d == length else (0, 0) for d in range(a.ndim)]
+        return _constrain(jnp.pad(jnp.repeat(a, n, axis=batch), widths), axes, mesh, rules)
+
+    return cache.map_arrays(expand)
 
 
 def _loop_on_prefix(cache: qwen3.KVCache, read: int, index: jax.Array, running, step, carry, mesh=None, rules=None):
@@ -692,7 +686,8 @@ def _stage_rows(graphdef, params, state, keys, rows, tokens, pads, forced_length
                                 _row_groups(len(rows), mesh, rules))
     put_row = lambda a, x: a.at[rows].set(x, mode="drop")
     ended = _is_eos(token, config)
-    staged = dict(cache=cache, row=rows, step=jnp.ones_like(rows), token=token, ended=ended, prompt_length=tokens.shape[1] - pads)
+    staged = dict(cache=cache, row=rows, step=jnp.ones_like(rows), token=token, ended=ended,
+                  prompt_length=tokens.shape[1] - pads)
     return _constrain_state(dict(
         state, staged=staged, staged_next=jnp.zeros((), jnp.int32),
         tokens=state["tokens"].at[rows, 0].set(token, mode="drop"),
@@ -719,7 +714,8 @@ def _place(s, cache: qwen3.KVCache, staged, slot_ids, staged_ids):
 
     segments = pick(staged["cache"].segment_ids, 0)
     segments = jnp.pad(segments, ((0, 0), (0, cache.segment_ids.shape[1] - segments.shape[1])))
-    cache = dataclasses.replace(cache, k=put_prompt("k"), v=put_prompt("v"), segment_ids=put(cache.segment_ids, segments))
+    cache = dataclasses.replace(cache, k=put_prompt("k"), v=put_prompt("v"),
+                                segment_ids=put(cache.segment_ids, segments))
     return dict(s, **{name: put(s[name], pick(staged[name], 0)) for name in _SLOT_FIELDS}), cache
 
 
@@ -846,7 +842,8 @@ def generate_continuous(
     options = dict(config=config, mesh=mesh, rules_items=rules_items)
     pending, staged_count = list(range(rows)), 0  # rows not yet prefilled; rows in the staging area
     while True:
-        row, step, ended, staged_next = jax.device_get((state["row"], state["step"], state["ended"], state["staged_next"]))
+        row, step, ended, staged_next = jax.device_get(
+            (state["row"], state["step"], state["ended"], state["staged_next"]))
         if pending and staged_next == staged_count:
             staged_count = min(slots, len(pending))
             new_rows = np.full(slots, rows, np.int32)

@@ -47,7 +47,8 @@ def wait_for(condition, process, timeout_s, what):
 
 def test_kill_9_then_rerun_resumes_and_records_each_step_once(tmp_path):
     workdir, total_steps = tmp_path / "run", 8
-    command = [sys.executable, "main.py", *TINY_FLAGS, f"--config.train.steps={total_steps}", f"--config.workdir={workdir}"]
+    command = [sys.executable, "main.py", *TINY_FLAGS, f"--config.train.steps={total_steps}",
+               f"--config.workdir={workdir}"]
     # One CPU device (the test process simulates 8): the cheapest run of the same program.
     flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
