@@ -397,6 +397,24 @@ def _row_groups(batch: int, mesh, rules) -> int:
     return batch // shard
 
 
+def _logits(model, hidden: jax.Array, mesh) -> jax.Array:
+    """hidden [B, D] -> float32 logits [B, V], as `model.logits`.
+
+    On CPU without a mesh and with a tied head (the [V, D] embedding), the product is taken as
+    embedding @ hidden^T ([V, B], the layout XLA:CPU's GEMM runs fastest for a skinny B) and
+    turned to [B, V] by a product with the [B, B] identity: exact for finite logits at HIGHEST
+    precision (each output is one logit times 1.0 plus zeros), and faster than XLA:CPU's
+    transpose. (On a mesh the identity product would sum over the batch shards.) Measured interleaved (README model, 32
+    rows): 71-78 ms -> 60-69 ms for the head, 198-221 -> 177-193 ms per decode step, same tokens.
+    """
+    if jax.default_backend() != "cpu" or mesh is not None or not model.config.tie_word_embeddings:
+        return model.logits(hidden)
+    embed = model.embed[...].astype(hidden.dtype)
+    by_vocab = jnp.einsum("vd,bd->vb", embed, hidden, preferred_element_type=jnp.float32)
+    identity = jnp.eye(hidden.shape[0], dtype=jnp.float32)
+    return jnp.einsum("bc,vc->bv", identity, by_vocab, precision=jax.lax.Precision.HIGHEST)
+
+
 def _prefill(model, tokens: jax.Array, pads: jax.Array, config: SamplingConfig, mesh, rules):
     """Runs the P prompts [P, T] and returns (last logits [P, V], the cache of its T slots filled)."""
     P, T = tokens.shape
@@ -406,7 +424,7 @@ def _prefill(model, tokens: jax.Array, pads: jax.Array, config: SamplingConfig, 
     cache = qwen3.KVCache.init(model.config, P, T, config.cache_dtype)
     cache = cache.map_arrays(lambda a, axes: _constrain(a, axes, mesh, rules))
     hidden, cache = model(tokens, positions, segments, cache)
-    return model.logits(hidden[:, -1]), cache
+    return _logits(model, hidden[:, -1], mesh), cache
 
 
 def _expand_cache(cache: qwen3.KVCache, n: int, slots: int, mesh, rules) -> qwen3.KVCache:
@@ -488,7 +506,7 @@ def _generate(graphdef, params, tokens, pads, key, forced_lengths, config: Sampl
         positions = (prompt_lengths + step - 1)[:, None]
         cache = dataclasses.replace(cache, index=T + step - 1)
         hidden, cache = model(s["token"][:, None], positions, jnp.ones((B, 1), jnp.int32), cache)
-        token, logprob = draw(model.logits(hidden[:, 0]), step)
+        token, logprob = draw(_logits(model, hidden[:, 0], mesh), step)
         active = ~s["ended"]
         token = jnp.where(active, token, config.pad_id)
         column = lambda out, x: jax.lax.dynamic_update_slice(out, x[:, None], (0, step))
@@ -753,7 +771,7 @@ def _decode_steps(graphdef, params, state, keys, refill_at, forced_lengths, conf
         positions = (s["prompt_length"] + s["step"] - 1)[:, None]
         index = jnp.minimum(T + s["step"] - 1, read - 1)  # only idle slots are clamped; their writes are never read
         hidden, cache = model(s["token"][:, None], positions, ones, dataclasses.replace(cache, index=index))
-        token, logprob = _draw_rows(model.logits(hidden[:, 0]), keys, s["row"], s["step"], forced_lengths, config, groups)
+        token, logprob = _draw_rows(_logits(model, hidden[:, 0], mesh), keys, s["row"], s["step"], forced_lengths, config, groups)
         target = jnp.where(live, s["row"], rows)  # rows = dropped
         ended = s["ended"] | (live & _is_eos(token, config))
         s = dict(

@@ -80,8 +80,17 @@ def chi_square_z(counts, probs):
     return ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
 
 
-def test_greedy_matches_transformers(checkpoint, split_model):
-    graphdef, params = split_model
+@pytest.fixture(scope="module")
+def tied_checkpoint(tmp_path_factory):
+    """A checkpoint whose LM head is the embedding (the path `sampling._logits` takes on CPU)."""
+    path = tmp_path_factory.mktemp("tied")
+    return path, make_checkpoint(path, seed=1, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_greedy_matches_transformers(request, tied):
+    checkpoint = request.getfixturevalue("tied_checkpoint" if tied else "checkpoint")
+    graphdef, params = nnx.split(hf.load_model(checkpoint[0]))
     config = sampling.SamplingConfig(max_new_tokens=48, temperature=0.0, prompt_buckets=BUCKETS)
     out = sampling.generate(graphdef, params, PROMPTS, jax.random.key(0), config)
     reference = checkpoint[1]
@@ -136,6 +145,17 @@ def test_draws_stay_in_kept_set_with_exact_frequencies(settings):
     np.testing.assert_allclose(logprobs, np.log(probs[tokens]), atol=1e-5, rtol=0)
     counts = np.bincount(tokens, minlength=vocab)[kept]
     assert abs(chi_square_z(counts, probs[kept])) < 4.0
+
+
+def test_decode_logits_of_a_tied_head_are_the_model_logits(tied_checkpoint):
+    """`sampling._logits` (CPU, tied head: the [V, B] product, then a product with the identity)
+    gives `model.logits`, and the identity product is exact: the [V, B] product transposed."""
+    model = hf.load_model(tied_checkpoint[0])
+    hidden = jax.random.normal(jax.random.key(0), (5, TINY["hidden_size"]))
+    logits = np.asarray(jax.jit(lambda h: sampling._logits(model, h, None))(hidden))
+    by_vocab = np.asarray(jnp.einsum("vd,bd->vb", model.embed[...], hidden))
+    np.testing.assert_array_equal(logits, by_vocab.T)
+    np.testing.assert_allclose(logits, np.asarray(model.logits(hidden)), rtol=1e-6, atol=1e-6)
 
 
 def test_full_vocab_top_p_threshold_is_exact():
