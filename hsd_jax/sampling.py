@@ -397,20 +397,20 @@ def _row_groups(batch: int, mesh, rules) -> int:
     return batch // shard
 
 
-def _logits(model, hidden: jax.Array, mesh) -> jax.Array:
+def _logits(model, hidden: jax.Array, row_groups: int) -> jax.Array:
     """hidden [B, D] -> float32 logits [B, V], as `model.logits`.
 
-    On CPU, without a mesh, with a tied head (the [V, D] embedding) and 16 B <= D, the product is
-    taken as embedding @ hidden^T ([V, B], the layout XLA:CPU's GEMM runs fastest for a skinny B)
-    and turned to [B, V] by a product with the [B, B] identity: exact for finite logits at HIGHEST
-    precision (each output is one logit times 1.0 plus zeros), and faster than XLA:CPU's
-    transpose. That product costs B / D of the head's FLOPs, hence the bound on B. Measured (ms,
-    median of 7: plain / this): D 512, V 151936: B 16 69.5 / 37.7, B 32 87.7 / 74.8, B 64 153.5 /
-    181.7; D 256, V 32768: B 16 6.7 / 5.8, B 32 10.5 / 13.2. (On a mesh the identity product
-    would sum over the batch shards.)
+    On CPU, with the rows unsplit (row_groups 1), a tied head (the [V, D] embedding) and
+    16 B <= D, the product is taken as embedding @ hidden^T ([V, B], the layout XLA:CPU's GEMM runs
+    fastest for a skinny B) and turned to [B, V] by a product with the [B, B] identity: exact for
+    finite logits at HIGHEST precision (each output is one logit times 1.0 plus zeros), and faster
+    than XLA:CPU's transpose. That product costs B / D of the head's FLOPs, hence the bound on B.
+    Measured (ms, median of 7, plain / this): D 512, V 151936: B 16 69.5 / 37.7, B 32 87.7 / 74.8,
+    B 64 153.5 / 181.7; D 256, V 32768: B 16 6.7 / 5.8, B 32 10.5 / 13.2. (With the rows split
+    over devices, the identity product would sum over the row shards.)
     """
     B, D = hidden.shape
-    if jax.default_backend() != "cpu" or mesh is not None or not model.config.tie_word_embeddings or 16 * B > D:
+    if jax.default_backend() != "cpu" or row_groups > 1 or not model.config.tie_word_embeddings or 16 * B > D:
         return model.logits(hidden)
     embed = model.embed[...].astype(hidden.dtype)
     by_vocab = jnp.einsum("vd,bd->vb", embed, hidden, preferred_element_type=jnp.float32)
@@ -427,7 +427,7 @@ def _prefill(model, tokens: jax.Array, pads: jax.Array, config: SamplingConfig, 
     cache = qwen3.KVCache.init(model.config, P, T, config.cache_dtype)
     cache = cache.map_arrays(lambda a, axes: _constrain(a, axes, mesh, rules))
     hidden, cache = model(tokens, positions, segments, cache)
-    return _logits(model, hidden[:, -1], mesh), cache
+    return _logits(model, hidden[:, -1], _row_groups(P, mesh, rules)), cache
 
 
 def _expand_cache(cache: qwen3.KVCache, n: int, slots: int, mesh, rules) -> qwen3.KVCache:
@@ -509,7 +509,7 @@ def _generate(graphdef, params, tokens, pads, key, forced_lengths, config: Sampl
         positions = (prompt_lengths + step - 1)[:, None]
         cache = dataclasses.replace(cache, index=T + step - 1)
         hidden, cache = model(s["token"][:, None], positions, jnp.ones((B, 1), jnp.int32), cache)
-        token, logprob = draw(_logits(model, hidden[:, 0], mesh), step)
+        token, logprob = draw(_logits(model, hidden[:, 0], groups), step)
         active = ~s["ended"]
         token = jnp.where(active, token, config.pad_id)
         column = lambda out, x: jax.lax.dynamic_update_slice(out, x[:, None], (0, step))
@@ -774,7 +774,8 @@ def _decode_steps(graphdef, params, state, keys, refill_at, forced_lengths, conf
         positions = (s["prompt_length"] + s["step"] - 1)[:, None]
         index = jnp.minimum(T + s["step"] - 1, read - 1)  # only idle slots are clamped; their writes are never read
         hidden, cache = model(s["token"][:, None], positions, ones, dataclasses.replace(cache, index=index))
-        token, logprob = _draw_rows(_logits(model, hidden[:, 0], mesh), keys, s["row"], s["step"], forced_lengths, config, groups)
+        logits = _logits(model, hidden[:, 0], groups)
+        token, logprob = _draw_rows(logits, keys, s["row"], s["step"], forced_lengths, config, groups)
         target = jnp.where(live, s["row"], rows)  # rows = dropped
         ended = s["ended"] | (live & _is_eos(token, config))
         s = dict(

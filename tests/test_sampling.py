@@ -152,7 +152,7 @@ def test_decode_logits_of_a_tied_head_are_the_model_logits(tied_checkpoint):
     identity) gives `model.logits`, and the identity product is exact: the [V, B] product transposed."""
     model = hf.load_model(tied_checkpoint[0])
     hidden = jax.random.normal(jax.random.key(0), (TINY["hidden_size"] // 16, TINY["hidden_size"]))
-    logits = np.asarray(jax.jit(lambda h: sampling._logits(model, h, None))(hidden))
+    logits = np.asarray(jax.jit(lambda h: sampling._logits(model, h, 1))(hidden))
     by_vocab = np.asarray(jnp.einsum("vd,bd->vb", model.embed[...], hidden))
     np.testing.assert_array_equal(logits, by_vocab.T)
     np.testing.assert_allclose(logits, np.asarray(model.logits(hidden)), rtol=1e-6, atol=1e-6)
